@@ -65,6 +65,17 @@ class Registry:
             return o
         return _add(obj) if obj is not None else _add
 
+    def register_variant(self, cls, name, **defaults):
+        """Register `name` as `cls` with preset keyword defaults (timm-style model variants)."""
+        def factory(**kwargs):
+            return cls(**{**defaults, **kwargs})
+        factory.__name__ = name
+        factory.__qualname__ = name
+        factory.model_cls = cls
+        factory.defaults = dict(defaults)
+        self.register(factory, name=name)
+        return factory
+
     def __contains__(self, name):
         return name in self._obj
 

@@ -1,0 +1,41 @@
+"""Classifier(architecture, head): a backbone and a head built from YAML, as PASSL/PLSC configs do."""
+import paddle.nn as nn
+
+from ..registry import MODELS
+from .pretrained import PretrainedMixin
+
+__all__ = ["Classifier"]
+
+
+@MODELS.register
+class Classifier(PretrainedMixin, nn.Layer):
+    """`architecture` is a backbone config (usually with num_classes: 0), `head` a head config.
+
+    With `head: null` the backbone's own head classifies (timm-style full models)."""
+
+    def __init__(self, architecture, head=None):
+        super().__init__()
+        from . import build_backbone, build_head
+        self.backbone = build_backbone(architecture)
+        self.head = build_head(head) if head else None
+
+    def forward(self, x):
+        x = self.backbone(x)
+        return self.head(x) if self.head is not None else x
+
+    def _checkpoint_filter(self, sd, layout):
+        """Accept a bare backbone checkpoint (timm names) as well as a Classifier one."""
+        if any(k.startswith("backbone.") for k in sd):
+            return sd
+        inner = self.backbone._checkpoint_filter(sd, layout) if hasattr(self.backbone, "_checkpoint_filter") else sd
+        resized = inner.pop("__resized__", [])
+        own = set(self.backbone.state_dict())
+        out = {"__resized__": resized}
+        for k, v in inner.items():
+            if k in own:
+                out["backbone." + k] = v
+            elif self.head is not None and k in ("head.weight", "head.bias"):
+                out["head.fc." + k.split(".")[-1]] = v
+            else:
+                out[k] = v
+        return out

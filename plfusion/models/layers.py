@@ -1,0 +1,184 @@
+"""Pieces shared by every transformer in plfusion: MLP, DropPath, PatchEmbed, Attention, Block."""
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+__all__ = ["DropPath", "Mlp", "PatchEmbed", "Attention", "Block", "LayerNorm",
+           "trunc_normal_", "zeros_", "ones_", "init_transformer_weights", "to_2tuple", "check_input", "drop_path_rates"]
+
+trunc_normal_ = nn.initializer.TruncatedNormal(std=0.02)
+zeros_ = nn.initializer.Constant(0.0)
+ones_ = nn.initializer.Constant(1.0)
+
+
+def to_2tuple(x):
+    return tuple(x) if isinstance(x, (list, tuple)) else (x, x)
+
+
+def LayerNorm(dim, eps):
+    """LayerNorm with an explicit eps: the references differ (1e-6 timm, 1e-5 torch default)."""
+    return nn.LayerNorm(dim, epsilon=eps)
+
+
+def init_transformer_weights(layer):
+    """timm's ViT init: trunc-normal(0.02) Linear weights, zero biases, unit LayerNorm."""
+    if isinstance(layer, nn.Linear):
+        trunc_normal_(layer.weight)
+        if layer.bias is not None:
+            zeros_(layer.bias)
+    elif isinstance(layer, nn.LayerNorm):
+        if layer.weight is not None:
+            ones_(layer.weight)
+        if layer.bias is not None:
+            zeros_(layer.bias)
+
+
+def check_input(x, in_chans, divisor=None, img_size=None, model="model"):
+    """Raise a clear error for a wrong channel count or an unsupported image size.
+
+    Runs only in dygraph: under to_static the shapes were checked when tracing."""
+    if not paddle.in_dynamic_mode():
+        return
+    if x.ndim != 4:
+        raise ValueError(f"{model}: expected a 4-D NCHW image batch, got shape {list(x.shape)}")
+    c, h, w = x.shape[1:]
+    if c != in_chans:
+        raise ValueError(f"{model}: expected {in_chans} input channels, got {c} (input shape {list(x.shape)})")
+    if img_size is not None and (h, w) != tuple(img_size):
+        raise ValueError(f"{model}: built for {img_size[0]}x{img_size[1]} images, got {h}x{w}. Build it with "
+                         f"img_size=({h}, {w}); load_pretrained() resizes position embeddings to match.")
+    if divisor is not None:
+        dh, dw = to_2tuple(divisor)
+        if h % dh or w % dw:
+            raise ValueError(f"{model}: image size {h}x{w} must be divisible by {dh}x{dw}")
+
+
+class DropPath(nn.Layer):
+    """Stochastic depth per sample (drop the whole residual branch)."""
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = [x.shape[0]] + [1] * (x.ndim - 1)
+        mask = paddle.floor(keep + paddle.rand(shape, dtype=x.dtype))
+        return x / keep * mask
+
+    def extra_repr(self):
+        return f"drop_prob={self.drop_prob}"
+
+
+class Mlp(nn.Layer):
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0,
+                 bias=True):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features, bias_attr=None if bias else False)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features, bias_attr=None if bias else False)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class PatchEmbed(nn.Layer):
+    """Image to patch tokens with a strided conv: [B,C,H,W] -> [B, N, D] (or NCHW if flatten=False)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, norm_layer=None,
+                 flatten=True, strict_img_size=True):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.in_chans = in_chans
+        self.flatten = flatten
+        self.strict_img_size = strict_img_size
+        self.proj = nn.Conv2D(in_chans, embed_dim, self.patch_size, stride=self.patch_size)
+        self.norm = norm_layer(embed_dim) if norm_layer else None
+
+    def forward(self, x):
+        check_input(x, self.in_chans, self.patch_size, self.img_size if self.strict_img_size else None,
+                    model=type(self).__name__)
+        x = self.proj(x)
+        if self.flatten:
+            x = x.flatten(2).transpose([0, 2, 1])
+            if self.norm is not None:
+                x = self.norm(x)
+        elif self.norm is not None:
+            x = self.norm(x.transpose([0, 2, 3, 1])).transpose([0, 3, 1, 2])
+        return x
+
+
+class Attention(nn.Layer):
+    """Multi-head self-attention with a fused qkv projection (timm layout: q, k, v along the output)."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def qkv_heads(self, x):
+        """[B, N, C] -> q, k, v each [B, heads, N, head_dim]."""
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
+        return qkv[0], qkv[1], qkv[2]
+
+    def attend(self, q, k, v, bias=None):
+        """softmax(q k^T * scale + bias) v, merged back to [B, N, C] and projected."""
+        attn = paddle.matmul(q * self.scale, k, transpose_y=True)
+        if bias is not None:
+            attn = attn + bias
+        attn = self.attn_drop(F.softmax(attn, axis=-1))
+        x = paddle.matmul(attn, v)
+        B, H, N, D = x.shape
+        x = x.transpose([0, 2, 1, 3]).reshape([B, N, H * D])
+        return self.proj_drop(self.proj(x))
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return self.attend(q, k, v)
+
+    def flops_hook(self, inputs, output):
+        """Multiply-adds of q@k^T and attn@v; the linears are counted by utils.flops itself."""
+        B, N = inputs[0].shape[:2]
+        return 2 * B * N * N * self.num_heads * self.head_dim
+
+
+class Block(nn.Layer):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0, attn_drop=0.0,
+                 drop_path=0.0, act_layer=nn.GELU, norm_eps=1e-6):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, norm_eps)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                              attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = LayerNorm(dim, norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def drop_path_rates(rate, depth):
+    """Linearly increasing stochastic-depth rates, as every reference uses."""
+    if depth <= 1:
+        return [0.0] * depth
+    return [rate * i / (depth - 1) for i in range(depth)]
+
