@@ -14,6 +14,8 @@ __all__ = ["build_backbone", "build_head", "build_model", "create_model", "list_
 
 
 def _split_pretrained(cfg):
+    if not hasattr(cfg, "items"):
+        raise ConfigError(f"model.architecture: expected a mapping with a 'name' key, got {cfg!r}")
     cfg = dict(copy.deepcopy(cfg))
     return cfg, cfg.pop("pretrained", None)
 

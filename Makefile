@@ -1,0 +1,27 @@
+# The README's two commands: `make demo` (the main job on built-in synthetic data) and `make test`.
+# Both create .venv when missing and install plfusion with CPU Paddle first.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.plfusion-installed
+DEMO_CONFIG ?= configs/quickstart/vit_tiny_synthetic.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install demo test clean
+
+$(STAMP): setup.py
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip >/dev/null
+	$(BIN)/python -m pip install -e '.[cpu,test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python tools/train.py -c $(DEMO_CONFIG) --threads 2
+
+test: install
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) output .pytest_cache

@@ -1,0 +1,1 @@
+"""Utilities: checkpoint IO, FLOP counting, benchmarking, visualisation."""
