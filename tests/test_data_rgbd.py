@@ -1,3 +1,5 @@
+import importlib
+import importlib.util
 import logging
 import os
 
@@ -8,10 +10,10 @@ import pytest
 
 from plfusion.data.image_io import DataError
 from plfusion.data.rgbd import NYUDv2, SUNRGBD, make_palette, read_depth
-from plfusion.data.seg_transforms import (IMAGENET_MEAN, IMAGENET_STD, ColorJitter, Compose, Normalize,
-                                          RandomHorizontalFlip, RandomResizedCrop, Resize, ToCHW)
+from plfusion.data.seg_transforms import (IMAGENET_MEAN, IMAGENET_STD, SEG_TRANSFORMS, ColorJitter, Compose,
+                                          Normalize, RandomHorizontalFlip, RandomResizedCrop, Resize, ToCHW)
 from plfusion.data.synthetic_rgbd import BLUE, BOX, POSTER, RED, WALL, SyntheticRGBD
-from plfusion.registry import DATASETS, ConfigError
+from plfusion.registry import DATASETS, TRANSFORMS, ConfigError
 
 H, W = 12, 16
 
@@ -348,6 +350,18 @@ def test_normalize_16bit_and_unknown_modality():
         Normalize()(s)
     s["inputs"] = [np.full((2, 2, 3), 255, np.uint8)]
     np.testing.assert_allclose(Normalize({"hha": {"mean": 0.5, "std": 0.5}})(s)["inputs"][0], 1.0)
+
+
+def test_seg_registry_coexists_with_classification_transforms():
+    assert SEG_TRANSFORMS.names() == ["ColorJitter", "Compose", "Normalize", "RandomHorizontalFlip",
+                                      "RandomResizedCrop", "Resize", "ToCHW"]
+    assert SEG_TRANSFORMS.get("Normalize") is Normalize
+    shared = {TRANSFORMS.get(n) for n in TRANSFORMS.names()}
+    assert not shared & {SEG_TRANSFORMS.get(n) for n in SEG_TRANSFORMS.names()}
+    if importlib.util.find_spec("plfusion.data.cls_transforms") is not None:
+        cls_t = importlib.import_module("plfusion.data.cls_transforms")
+        assert TRANSFORMS.get("RandomResizedCrop") is cls_t.RandomResizedCrop
+        assert Compose([{"name": "RandomResizedCrop", "crop_size": 8}]).transforms[0].__class__ is RandomResizedCrop
 
 
 @pytest.mark.parametrize("cfg, match", [

@@ -14,6 +14,7 @@ arrays hold 0..65535 and float arrays are already scaled (depth readers give flo
 [0, 1]). `Normalize` turns integer arrays into [0, 1] floats before subtracting the mean,
 so the same pipeline serves 8-bit and 16-bit data.
 
+All of them are registered in SEG_TRANSFORMS (see below for why not in TRANSFORMS).
 Random transforms draw from `sample["rng"]` when present (datasets put a per-index
 generator there so a pipeline is reproducible from a seed and differs across loader
 workers); otherwise from their own generator seeded with their `seed` argument.
@@ -24,11 +25,17 @@ import numbers
 import cv2
 import numpy as np
 
-from plfusion.registry import TRANSFORMS, ConfigError
+from plfusion.registry import ConfigError, Registry
 
-__all__ = ["Compose", "RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter", "Resize",
-           "Normalize", "ToCHW", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["SEG_TRANSFORMS", "Compose", "RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter",
+           "Resize", "Normalize", "ToCHW", "IMAGENET_MEAN", "IMAGENET_STD"]
 
+
+# Segmentation transforms live in their own registry: they take sample dicts, and the
+# classification transforms in the shared TRANSFORMS registry already use the same names
+# (RandomResizedCrop, Normalize, ...) for single images. A segmentation dataset builds its
+# `transforms` list from this registry, so configs use the familiar names in both places.
+SEG_TRANSFORMS = Registry("segmentation transform")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -103,7 +110,7 @@ def _pad_to(img, hw, value):
 
 
 # ----------------------------------------------------------------------------- Compose
-@TRANSFORMS.register
+@SEG_TRANSFORMS.register
 class Compose:
     """Apply transforms in order. Items are `{name: ..., **kwargs}` dicts or callables."""
 
@@ -119,7 +126,7 @@ class Compose:
                 self.transforms.append(t)
                 continue
             try:
-                self.transforms.append(TRANSFORMS.build(t, where=item_where))
+                self.transforms.append(SEG_TRANSFORMS.build(t, where=item_where))
             except ConfigError as e:
                 msg = str(e)
                 raise ConfigError(msg if msg.startswith(item_where) else f"{item_where}: {msg}") from None
@@ -137,7 +144,7 @@ class Compose:
 
 
 # ----------------------------------------------------------------------------- geometric
-@TRANSFORMS.register
+@SEG_TRANSFORMS.register
 class RandomResizedCrop:
     """Rescale by a random ratio in `scale`, then take a random `crop_size` window.
 
@@ -198,7 +205,7 @@ class RandomResizedCrop:
                 f"relative_to={self.relative_to!r})")
 
 
-@TRANSFORMS.register
+@SEG_TRANSFORMS.register
 class RandomHorizontalFlip:
     """Mirror every input and the label left-right with probability `prob`."""
 
@@ -217,7 +224,7 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(prob={self.prob})"
 
 
-@TRANSFORMS.register
+@SEG_TRANSFORMS.register
 class Resize:
     """Resize every input (bilinear) and, unless resize_label=False, the label (nearest) to `size`."""
 
@@ -238,7 +245,7 @@ class Resize:
 
 
 # ----------------------------------------------------------------------------- photometric
-@TRANSFORMS.register
+@SEG_TRANSFORMS.register
 class ColorJitter:
     """Random brightness, contrast and saturation on the `rgb` input only, within its value range.
 
@@ -303,7 +310,7 @@ _DEFAULT_STATS = {
 _STAT_KEYS = ("mean", "std", "channels")
 
 
-@TRANSFORMS.register
+@SEG_TRANSFORMS.register
 class Normalize:
     """Scale integer inputs to [0, 1] (uint8 /255, uint16 /65535; floats are taken as
     already scaled), then `(x - mean) / std` per modality, then tile single-channel inputs
@@ -380,7 +387,7 @@ class Normalize:
         return f"Normalize(stats={self.stats})"
 
 
-@TRANSFORMS.register
+@SEG_TRANSFORMS.register
 class ToCHW:
     """HxWxC inputs -> float32 CxHxW arrays (HxW -> 1xHxW); label -> int64 HxW."""
 
