@@ -4,6 +4,8 @@ import logging
 
 from ..registry import BACKBONES, HEADS, MODELS, PATCHES, ConfigError, check_kwargs, did_you_mean
 from . import vision_transformer  # noqa: F401  (registers ViT / DeiT)
+from . import t2t_vit  # noqa: F401  (registers T2T-ViT)
+from . import mix_transformer  # noqa: F401  (registers MiT)
 from . import heads, classifier  # noqa: F401
 from .pretrained import load_pretrained
 
