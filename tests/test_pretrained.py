@@ -149,3 +149,18 @@ def test_convert_weights_tool(tmp_path, root_dir):
     m.set_state_dict(paddle.load(dst))
     src.eval()
     same_outputs(src, m, paddle.randn([2, 3, 32, 32]))
+
+
+def test_classifier_loads_bare_timm_checkpoint_into_backbone_and_head(tmp_path):
+    from plfusion.models import build_model
+    src = tiny()
+    path = str(tmp_path / "w.safetensors")
+    save_file(torch_layout(src), path)
+    clf = build_model({"name": "Classifier",
+                       "architecture": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8,
+                                        "depth": 2, "num_classes": 0},
+                       "head": {"name": "LinearClsHead", "in_channels": 192, "num_classes": 5}})
+    rep = clf.load_pretrained(path)
+    assert not rep.missing and not rep.unexpected
+    clf.eval()
+    same_outputs(src, clf, paddle.randn([2, 3, 32, 32]))

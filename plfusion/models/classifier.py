@@ -27,15 +27,14 @@ class Classifier(PretrainedMixin, nn.Layer):
         """Accept a bare backbone checkpoint (timm names) as well as a Classifier one."""
         if any(k.startswith("backbone.") for k in sd):
             return sd
+        out = {}
+        if self.head is not None:  # the backbone (num_classes=0) would drop these: route them first
+            for k in ("head.weight", "head.bias"):
+                if k in sd:
+                    out["head.fc." + k.split(".")[-1]] = sd.pop(k)
         inner = self.backbone._checkpoint_filter(sd, layout) if hasattr(self.backbone, "_checkpoint_filter") else sd
-        resized = inner.pop("__resized__", [])
+        out["__resized__"] = inner.pop("__resized__", [])
         own = set(self.backbone.state_dict())
-        out = {"__resized__": resized}
         for k, v in inner.items():
-            if k in own:
-                out["backbone." + k] = v
-            elif self.head is not None and k in ("head.weight", "head.bias"):
-                out["head.fc." + k.split(".")[-1]] = v
-            else:
-                out[k] = v
+            out["backbone." + k if k in own else k] = v
         return out
