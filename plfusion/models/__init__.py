@@ -6,6 +6,7 @@ from ..registry import BACKBONES, HEADS, MODELS, PATCHES, ConfigError, check_kwa
 from . import vision_transformer  # noqa: F401  (registers ViT / DeiT)
 from . import t2t_vit  # noqa: F401  (registers T2T-ViT)
 from . import mix_transformer  # noqa: F401  (registers MiT)
+from . import swin_transformer, mvitv2  # noqa: F401  (registers Swin / MViTv2)
 from . import heads, classifier  # noqa: F401
 from .pretrained import load_pretrained
 
