@@ -164,3 +164,27 @@ def test_classifier_loads_bare_timm_checkpoint_into_backbone_and_head(tmp_path):
     assert not rep.missing and not rep.unexpected
     clf.eval()
     same_outputs(src, clf, paddle.randn([2, 3, 32, 32]))
+
+
+def test_classifier_takes_the_head_of_timm_swin_and_official_mvit(tmp_path):
+    """Backbone filters map their reference head names; the Classifier routes them to head.fc."""
+    from plfusion.models import build_model
+    cases = [("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, embed_dim=24, depths=(1, 1, 1, 1),
+                                                   num_heads=(1, 1, 1, 1)), "head.fc."),
+             ("mvitv2_tiny", dict(img_size=64, embed_dim=24, depths=(1, 1, 1, 1)), "head.projection.")]
+    for name, kw, ref_head in cases:
+        src = create_model(name, num_classes=5, **kw)
+        src.eval()
+        sd = torch_layout(src)
+        own_head = [k for k in sd if k.startswith("head.")]
+        for k in own_head:
+            sd[ref_head + k.rsplit(".", 1)[1]] = sd.pop(k)
+        path = str(tmp_path / f"{name}.safetensors")
+        save_file(sd, path)
+        clf = build_model({"architecture": {"name": name, "num_classes": 0, **kw},
+                           "head": {"name": "LinearClsHead", "in_channels": src.num_features, "num_classes": 5}})
+        rep = clf.load_pretrained(path)
+        assert not rep.missing, (name, rep.missing)
+        clf.eval()
+        x = paddle.randn([2, 3, 64, 64])
+        np.testing.assert_allclose(clf(x).numpy(), src(x).numpy(), atol=1e-5, err_msg=name)

@@ -25,16 +25,17 @@ class Classifier(PretrainedMixin, nn.Layer):
 
     def _checkpoint_filter(self, sd, layout):
         """Accept a bare backbone checkpoint (timm names) as well as a Classifier one."""
-        if any(k.startswith("backbone.") for k in sd):
+        mine = set(self.state_dict())
+        if sum(k in mine for k in sd) * 2 >= len(sd):   # already a Classifier checkpoint
             return sd
-        out = {}
-        if self.head is not None:  # the backbone (num_classes=0) would drop these: route them first
-            for k in ("head.weight", "head.bias"):
-                if k in sd:
-                    out["head.fc." + k.split(".")[-1]] = sd.pop(k)
         inner = self.backbone._checkpoint_filter(sd, layout) if hasattr(self.backbone, "_checkpoint_filter") else sd
-        out["__resized__"] = inner.pop("__resized__", [])
+        out = {"__resized__": inner.pop("__resized__", [])}
         own = set(self.backbone.state_dict())
         for k, v in inner.items():
-            out["backbone." + k if k in own else k] = v
+            if k in own:
+                out["backbone." + k] = v
+            elif self.head is not None and k.startswith("head.") and k.endswith((".weight", ".bias")):
+                out["head.fc." + k.rsplit(".", 1)[1]] = v   # the backbone's classifier -> our head
+            else:
+                out[k] = v
         return out

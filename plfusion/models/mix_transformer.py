@@ -309,15 +309,11 @@ class MixVisionTransformer(PretrainedMixin, nn.Layer):
 
     def _checkpoint_filter(self, sd, layout):
         """SegFormer encoder checkpoints load as they are; a whole segmentor checkpoint loads its
-        `backbone.` part (the decode head keys stay and are reported as unexpected); head keys are
-        dropped when num_classes == 0."""
+        `backbone.` part (the decode head keys stay and are reported as unexpected)."""
         if sd and all(k.startswith("module.") for k in sd):
             sd = {k[len("module."):]: v for k, v in sd.items()}
         if "patch_embed1.proj.weight" not in sd and "backbone.patch_embed1.proj.weight" in sd:
             sd = {(k[len("backbone."):] if k.startswith("backbone.") else k): v for k, v in sd.items()}
-        if self.num_classes == 0:
-            for k in [k for k in sd if k.startswith("head.")]:
-                sd.pop(k)
         return sd
 
 

@@ -11,7 +11,6 @@ stage (`expand_attn=False`, `shortcut_proj_mlp`; L), as the official ImageNet co
 Checkpoints load from timm, the official repo (flat `blocks.N`, `head.projection`) and
 mmpretrain (`backbone.` prefix, `patch_embed.projection`, `norm3`, `head.fc`).
 """
-import logging
 import re
 
 import numpy as np
@@ -24,7 +23,6 @@ from .layers import DropPath, LayerNorm, Mlp, check_input, drop_path_rates, init
     to_2tuple, trunc_normal_
 from .pretrained import PretrainedMixin
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["MultiScaleVit", "MultiScaleAttention", "MultiScaleBlock", "resize_decomposed_rel_pos",
            "rel_pos_indices"]
@@ -355,12 +353,6 @@ class MultiScaleVit(PretrainedMixin, nn.Layer):
             if list(old.shape) != want and old.shape[1] == want[1]:
                 sd[k] = resize_decomposed_rel_pos(old, want[0])
                 resized.append(f"{k} {list(old.shape)} -> {want}")
-        if self.num_classes == 0 or self.out_indices is not None:
-            absent = [k for k in sd if k.startswith("head.")]
-            if absent:
-                logger.info("MViTv2 checkpoint: not using %s (this model has no classifier)", absent)
-                for k in absent:
-                    sd.pop(k)
         sd["__resized__"] = resized
         return sd
 

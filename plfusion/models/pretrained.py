@@ -6,6 +6,7 @@ shape check -> set_state_dict. Reading never executes code from the file.
 """
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +34,7 @@ class LoadReport:
     loaded: list = field(default_factory=list)
     missing: list = field(default_factory=list)
     unexpected: list = field(default_factory=list)
-    dropped: list = field(default_factory=list)   # head weights dropped for a num_classes mismatch
+    dropped: list = field(default_factory=list)   # classifier-head weights not used (num_classes differs / no head)
     resized: list = field(default_factory=list)   # e.g. pos_embed resampled to a new grid
 
     def __str__(self):
@@ -41,7 +42,7 @@ class LoadReport:
             return ", ".join(keys[:MAX_LISTED]) + (f" ... (+{len(keys) - MAX_LISTED})" if len(keys) > MAX_LISTED else "")
         lines = [f"loaded {len(self.loaded)} tensors from {self.path}"]
         for label, keys in (("missing", self.missing), ("unexpected", self.unexpected),
-                            ("dropped (head shape differs)", self.dropped), ("resized", self.resized)):
+                            ("dropped (classifier head not used)", self.dropped), ("resized", self.resized)):
             if keys:
                 lines.append(f"  {label} ({len(keys)}): {short(keys)}")
         return "\n".join(lines)
@@ -126,7 +127,7 @@ def load_state_dict(model, sd, layout="paddle", path="<state dict>", strict=Fals
     to_set, mismatched = {}, []
     for k, v in sd.items():
         if k not in own:
-            report.unexpected.append(k)
+            (report.dropped if k.startswith(head_keys) else report.unexpected).append(k)
             continue
         v = np.asarray(v)
         if layout == "torch" and k in linear and v.ndim == 2:
@@ -153,13 +154,15 @@ def load_state_dict(model, sd, layout="paddle", path="<state dict>", strict=Fals
     report.missing = [k for k in own if k not in to_set]
     if report.dropped:
         report.missing = [k for k in report.missing if k not in report.dropped]
-        logger.info("%s: dropped head weights %s (num_classes differs); they stay freshly initialised",
-                    path, report.dropped)
+        logger.info("%s: dropped head weights %s (num_classes differs or the model has no head); "
+                    "the model's own head stays freshly initialised", path, report.dropped)
     if strict and (report.missing or report.unexpected):
         raise CheckpointMismatchError(f"strict load of {path} failed:\n{report}")
     for k, v in to_set.items():
         to_set[k] = v.astype(_NP_DTYPES.get(own[k].dtype, np.float32))
-    model.set_state_dict(to_set)
+    with warnings.catch_warnings():  # paddle warns per key it skips; the report lists them once
+        warnings.filterwarnings("ignore", message="Skip loading")
+        model.set_state_dict(to_set)
     report.loaded = sorted(to_set)
     if report.missing or report.unexpected:
         logger.warning("%s", report)

@@ -373,12 +373,9 @@ class SwinTransformer(PretrainedMixin, nn.Layer):
                     raise ValueError(f"{k}: checkpoint has {old.shape[1]} heads, the model {want[1]}")
                 sd[k] = resize_rel_pos_table(old, want[0])
                 resized.append(f"{k} {list(old.shape)} -> {want}")
-        absent = [k for k in sd if k.startswith("head.")] if self.num_classes == 0 else []
-        if self.dense:
-            absent += [k for k in sd if k.startswith("norm.")]
+        absent = [k for k in sd if k.startswith("norm.")] if self.dense else []
         if absent:
-            logger.info("Swin checkpoint: not using %s (this model has no %s)", absent,
-                        "classifier or final norm" if self.dense else "classifier")
+            logger.info("Swin checkpoint: not using %s (the dense model has per-stage norms)", absent)
             for k in absent:
                 sd.pop(k)
         sd["__resized__"] = resized

@@ -226,9 +226,6 @@ class T2TViT(VisionTransformer):
             if old != want and len(old) == 3 and old[-1] == want[-1]:
                 sd["pos_embed"] = sinusoid_table(want[1], want[2])
                 resized.append(f"pos_embed {old} -> {want} (sinusoid table recomputed)")
-        if self.num_classes == 0:
-            for k in [k for k in sd if k.startswith("head.")]:
-                sd.pop(k)
         sd["__resized__"] = resized
         return sd
 

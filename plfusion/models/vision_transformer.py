@@ -104,9 +104,6 @@ class VisionTransformer(PretrainedMixin, nn.Layer):
                 tuple(self.patch_embed.proj.weight.shape[-2:]):
             raise ValueError(f"checkpoint patch size {sd['patch_embed.proj.weight'].shape[-2:]} differs from "
                              f"the model's {tuple(self.patch_embed.proj.weight.shape[-2:])}")
-        if self.num_classes == 0:
-            for k in [k for k in sd if k.startswith(("head.", "head_dist."))]:
-                sd.pop(k)
         sd["__resized__"] = resized
         return sd
 
