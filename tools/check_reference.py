@@ -40,15 +40,21 @@ def run_reference(args, out):
 
 def run_ours(out):
     import paddle
-    from plfusion.models import create_model
+    from plfusion.models import build_model, create_model
     with open(os.path.join(out, "meta.json")) as f:
         meta = json.load(f)
-    model = create_model(meta["our_name"], **meta.get("kwargs", {}))
+    if "model_cfg" in meta:   # a whole model config, e.g. a Segmentor with a fusion patch
+        model = build_model(meta["model_cfg"])
+    else:
+        model = create_model(meta["our_name"], **meta.get("kwargs", {}))
     report = model.load_pretrained(os.path.join(out, "weights.safetensors"))
     model.eval()
     inputs = [paddle.to_tensor(np.load(os.path.join(out, f"input_{i}.npy"))) for i in range(meta["num_inputs"])]
     with paddle.no_grad():
-        outs = model(*inputs) if len(inputs) > 1 else model(inputs[0])
+        if meta.get("list_input"):   # multimodal models take one list of tensors
+            outs = model(inputs)
+        else:
+            outs = model(*inputs) if len(inputs) > 1 else model(inputs[0])
     outs = outs if isinstance(outs, (list, tuple)) else [outs]
     return meta, report, [o.numpy() for o in outs]
 

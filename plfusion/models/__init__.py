@@ -8,6 +8,7 @@ from . import t2t_vit  # noqa: F401  (registers T2T-ViT)
 from . import mix_transformer  # noqa: F401  (registers MiT)
 from . import swin_transformer, mvitv2  # noqa: F401  (registers Swin / MViTv2)
 from . import heads, classifier  # noqa: F401
+from . import segmentor  # noqa: F401  (registers Segmentor)
 from .pretrained import load_pretrained
 
 logger = logging.getLogger(__name__)

@@ -1,10 +1,12 @@
-"""Heads that sit on a backbone's output: classification (and, later, dense decoders)."""
+"""Heads that sit on a backbone's output: classification, and the SegFormer decoder for segmentation."""
+import paddle
 import paddle.nn as nn
+import paddle.nn.functional as F
 
 from ..registry import HEADS
 from .layers import trunc_normal_, zeros_
 
-__all__ = ["LinearClsHead"]
+__all__ = ["LinearClsHead", "SegFormerHead"]
 
 
 @HEADS.register
@@ -30,3 +32,76 @@ class LinearClsHead(nn.Layer):
         elif x.ndim == 3:                 # tokens: average them
             x = x.mean(axis=1)
         return self.fc(self.drop(x))
+
+
+class _LinearEmbed(nn.Layer):
+    """NCHW map -> tokens [B, H*W, embed_dim] through one Linear (`proj`, SegFormer's `MLP`)."""
+
+    def __init__(self, in_channels, embed_dim):
+        super().__init__()
+        self.proj = nn.Linear(in_channels, embed_dim)
+
+    def forward(self, x):
+        return self.proj(x.flatten(2).transpose([0, 2, 1]))
+
+
+class _ConvBNReLU(nn.Layer):
+    """1x1 conv (no bias) + BatchNorm + ReLU; names as mmcv's ConvModule (`conv`, `bn`)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv = nn.Conv2D(in_channels, out_channels, 1, bias_attr=False,
+                              weight_attr=nn.initializer.KaimingNormal(nonlinearity="relu"))
+        self.bn = nn.BatchNorm2D(out_channels, momentum=0.9, epsilon=1e-5)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+@HEADS.register
+class SegFormerHead(nn.Layer):
+    """SegFormer's all-MLP decoder: multi-scale NCHW maps -> logits [B, num_classes, h1, w1].
+
+    Each map i goes through `linear_c{i+1}` (a Linear to embed_dim), is resized bilinearly to the
+    first (stride-4) map, the maps are concatenated deepest first, fused by `linear_fuse`
+    (1x1 conv + BN + ReLU), dropped out channel-wise and classified by `linear_pred` (1x1 conv).
+    Names follow the official SegFormer / TokenFusion / GeminiFusion head."""
+
+    def __init__(self, in_channels, num_classes, embed_dim=256, dropout=0.1, align_corners=False):
+        super().__init__()
+        if not isinstance(in_channels, (list, tuple)) or not in_channels or any(
+                not isinstance(c, int) or c <= 0 for c in in_channels):
+            raise ValueError(f"SegFormerHead: in_channels must be a list of positive channel counts, one per "
+                             f"feature map, got {in_channels!r}")
+        if not isinstance(num_classes, int) or num_classes <= 0 or embed_dim <= 0:
+            raise ValueError(f"SegFormerHead: num_classes and embed_dim must be positive ints, got "
+                             f"{num_classes!r} and {embed_dim!r}")
+        self.in_channels = list(in_channels)
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.align_corners = align_corners
+        for i, c in enumerate(self.in_channels):
+            setattr(self, f"linear_c{i + 1}", _LinearEmbed(c, embed_dim))
+        self.linear_fuse = _ConvBNReLU(embed_dim * len(self.in_channels), embed_dim)
+        self.dropout = nn.Dropout2D(dropout)
+        self.linear_pred = nn.Conv2D(embed_dim, num_classes, 1)
+
+    def forward(self, feats):
+        if not isinstance(feats, (list, tuple)) or len(feats) != len(self.in_channels):
+            got = f"a list of {len(feats)}" if isinstance(feats, (list, tuple)) else type(feats).__name__
+            raise ValueError(f"SegFormerHead: expected a list of {len(self.in_channels)} feature maps "
+                             f"(channels {self.in_channels}), got {got}")
+        size = feats[0].shape[2:]
+        embedded = []
+        for i, x in enumerate(feats):
+            if x.ndim != 4 or x.shape[1] != self.in_channels[i]:
+                raise ValueError(f"SegFormerHead: feature map {i} should be [B, {self.in_channels[i]}, h, w], "
+                                 f"got {list(x.shape)}")
+            B, _, h, w = x.shape
+            e = getattr(self, f"linear_c{i + 1}")(x).transpose([0, 2, 1]).reshape([B, self.embed_dim, h, w])
+            if i:
+                e = F.interpolate(e, size=size, mode="bilinear", align_corners=self.align_corners)
+            embedded.append(e)
+        x = self.linear_fuse(paddle.concat(embedded[::-1], axis=1))
+        return self.linear_pred(self.dropout(x))
