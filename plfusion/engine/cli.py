@@ -1,0 +1,106 @@
+"""Command lines `plfusion-train` / `plfusion-eval` (also `tools/train.py` / `tools/eval.py`).
+
+    plfusion-train -c CONFIG [-o key=value ...] [--resume auto|RUN_DIR|CKPT] [--max-steps N] [--threads N]
+    plfusion-train -c CONFIG --eval (--resume CKPT | --pretrained WEIGHTS) [--ema]
+    plfusion-eval  -c CONFIG (--resume CKPT | --pretrained WEIGHTS) [--ema]
+
+Several processes (CPU over gloo, or GPUs over NCCL):
+
+    python -m paddle.distributed.launch --nproc_per_node 2 tools/train.py -c CONFIG
+
+Threads: Paddle computes with one CPU thread unless told otherwise. `--threads N` sets its
+intra-op thread count (`paddle.base.core.set_num_threads`, which sizes the MKL/OpenMP pools
+that matmul and convolution use); the default divides this machine's usable cores among the
+processes the launcher started on it.
+"""
+import argparse
+import logging
+import os
+import sys
+
+from ..registry import ConfigError
+
+__all__ = ["train_main", "eval_main", "build_parser", "configure_threads"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser(prog, eval_only=False):
+    p = argparse.ArgumentParser(prog=prog, description="Evaluate a plfusion model." if eval_only else
+                                "Train (or with --eval, evaluate) a plfusion model from a YAML config.")
+    p.add_argument("-c", "--config", required=True, help="YAML config file")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. -o optimizer.weight_decay=0.05 (repeatable; '+key=value' adds "
+                        "a new key)")
+    p.add_argument("--resume", metavar="CKPT", default=None,
+                   help="'auto' (newest complete checkpoint in output_dir), a run directory, or a checkpoint "
+                        "(prefix or any of its files)")
+    p.add_argument("--pretrained", metavar="WEIGHTS", default=None,
+                   help="weights to evaluate (.pdparams, .safetensors, .pth); with --eval")
+    if not eval_only:
+        p.add_argument("--eval", action="store_true", help="evaluate instead of training (needs --resume or "
+                                                           "--pretrained)")
+        p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                       help="stop after N updates (a smoke run); the schedule keeps the configured length")
+    p.add_argument("--ema", action="store_true", help="with --eval --resume: evaluate the checkpoint's EMA weights")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads per process (default: usable cores / processes on this machine)")
+    return p
+
+
+def configure_threads(threads=None):
+    """Set Paddle's intra-op CPU threads; returns the number used."""
+    import paddle
+
+    from .distributed import get_local_world_size
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    procs = get_local_world_size()
+    if threads is None:
+        threads = max(cores // procs, 1)
+    elif threads < 1:
+        raise ConfigError(f"--threads: expected a positive integer, got {threads}")
+    paddle.base.core.set_num_threads(int(threads))
+    logger.info("CPU threads per process: %d (%d usable cores, %d process(es) on this machine)", threads, cores, procs)
+    return threads
+
+
+def _run(args, eval_mode):
+    from ..config import get_config
+    from .checkpoint import CheckpointNotFound
+    from .trainer import OutputDirInUse, Trainer, TrainingDiverged
+
+    from .logger import setup_logging
+    setup_logging(None, rank=int(os.environ.get("PADDLE_TRAINER_ID", "0")))
+    try:
+        if eval_mode and (args.resume is None) == (args.pretrained is None):
+            raise ConfigError("evaluation needs exactly one of --resume CKPT or --pretrained WEIGHTS")
+        if not eval_mode and args.pretrained is not None:
+            raise ConfigError("--pretrained is for --eval; to start training from weights set "
+                              "-o model.pretrained=PATH (or model.architecture.pretrained for the backbone)")
+        if args.ema and not (eval_mode and args.resume):
+            raise ConfigError("--ema evaluates a checkpoint's EMA weights: use it with --eval --resume CKPT")
+        cfg = get_config(args.config, args.override)
+        configure_threads(args.threads)
+        if eval_mode:
+            trainer = Trainer(cfg, mode="eval")
+            trainer.evaluate(resume=args.resume, pretrained=args.pretrained, use_ema=args.ema)
+        else:
+            trainer = Trainer(cfg, mode="train")
+            trainer.train(resume=args.resume, max_steps=getattr(args, "max_steps", None))
+    except (ConfigError, OutputDirInUse, CheckpointNotFound, TrainingDiverged, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingDiverged) else 2
+    return 0
+
+
+def train_main(argv=None):
+    args = build_parser("plfusion-train").parse_args(argv)
+    return _run(args, eval_mode=args.eval)
+
+
+def eval_main(argv=None):
+    args = build_parser("plfusion-eval", eval_only=True).parse_args(argv)
+    return _run(args, eval_mode=True)

@@ -1,0 +1,139 @@
+"""Data-parallel setup under `paddle.distributed.launch` and the few collectives the engine uses.
+
+One process (plain `python tools/train.py`) runs the same code: every helper below is then the
+identity or a local operation. Under the launcher (PADDLE_TRAINERS_NUM > 1) `init_distributed`
+calls `fleet.init(is_collective=True)`; on a machine without GPUs Paddle then talks over gloo,
+so `python -m paddle.distributed.launch --nproc_per_node 2 tools/train.py ...` is CPU
+data parallelism.
+"""
+import logging
+import os
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+__all__ = ["init_distributed", "is_distributed", "get_rank", "get_world_size", "get_local_world_size",
+           "is_main_process", "barrier", "all_reduce_sum", "all_gather_object", "broadcast_object",
+           "wrap_model", "wrap_optimizer", "unwrap_model", "unwrap_optimizer"]
+
+logger = logging.getLogger(__name__)
+
+_state = {"initialized": False, "rank": 0, "world_size": 1}
+
+
+def launched_world_size():
+    """Number of processes the Paddle launcher started (1 when not launched)."""
+    raw = os.environ.get("PADDLE_TRAINERS_NUM", "1")
+    try:
+        return max(int(raw), 1)
+    except ValueError:
+        raise RuntimeError(f"environment variable PADDLE_TRAINERS_NUM={raw!r} is not an integer") from None
+
+
+def init_distributed():
+    """Initialise fleet's collective mode when launched with more than one process.
+
+    Returns (rank, world_size). Safe to call more than once."""
+    if _state["initialized"]:
+        return _state["rank"], _state["world_size"]
+    world = launched_world_size()
+    if world > 1:
+        from paddle.distributed import fleet
+        strategy = fleet.DistributedStrategy()
+        strategy.hybrid_configs = {"dp_degree": world, "mp_degree": 1, "pp_degree": 1}
+        fleet.init(is_collective=True, strategy=strategy)
+        _state.update(rank=dist.get_rank(), world_size=dist.get_world_size())
+        backend = os.environ.get("PADDLE_DISTRI_BACKEND", "?")
+        logger.info("data parallel: rank %d of %d (backend %s, device %s)", _state["rank"],
+                    _state["world_size"], backend, paddle.device.get_device())
+    _state["initialized"] = True
+    return _state["rank"], _state["world_size"]
+
+
+def is_distributed():
+    return _state["world_size"] > 1
+
+
+def get_rank():
+    return _state["rank"]
+
+
+def get_world_size():
+    return _state["world_size"]
+
+
+def get_local_world_size():
+    """Processes on this machine (what shares its CPU cores)."""
+    raw = os.environ.get("PADDLE_LOCAL_SIZE") or os.environ.get("PADDLE_TRAINERS_NUM") or "1"
+    try:
+        return max(int(raw), 1)
+    except ValueError:
+        return 1
+
+
+def is_main_process():
+    return _state["rank"] == 0
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(array):
+    """Element-wise sum of a numpy array over all ranks (int arrays stay int64)."""
+    array = np.asarray(array)
+    if not is_distributed():
+        return array.copy()
+    dtype = np.int64 if np.issubdtype(array.dtype, np.integer) else np.float64
+    tensor = paddle.to_tensor(np.ascontiguousarray(array, dtype=dtype))
+    dist.all_reduce(tensor)
+    return tensor.numpy()
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects made here, not user files)."""
+    if not is_distributed():
+        return [obj]
+    out = []
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src=0):
+    """Rank `src`'s `obj` on every rank."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def wrap_model(model):
+    """fleet.distributed_model under the launcher (it broadcasts rank 0's weights); else the model."""
+    if not is_distributed():
+        return model
+    from paddle.distributed import fleet
+    return fleet.distributed_model(model)
+
+
+def wrap_optimizer(optimizer):
+    if not is_distributed():
+        return optimizer
+    from paddle.distributed import fleet
+    return fleet.distributed_optimizer(optimizer)
+
+
+def unwrap_model(model):
+    """The user's Layer inside fleet / paddle.DataParallel wrappers (they keep it in `_layers`)."""
+    while hasattr(model, "_layers") and isinstance(model._layers, paddle.nn.Layer):
+        model = model._layers
+    return model
+
+
+def unwrap_optimizer(optimizer):
+    """The plain paddle optimizer inside fleet's HybridParallelOptimizer (kept in `_inner_opt`)."""
+    while hasattr(optimizer, "_inner_opt"):
+        optimizer = optimizer._inner_opt
+    return optimizer

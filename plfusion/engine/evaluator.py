@@ -1,0 +1,128 @@
+"""Evaluation over a (sharded) loader, reduced over all ranks so every rank reports the same figures.
+
+The task follows from the model's output:
+- [B, K] logits: classification, top-1 / top-k accuracy from summed hit counts;
+- [B, K, h, w] logits (or a list of them, as a fused multimodal Segmentor returns: one per
+  modality, then the ensemble): segmentation. Logits are resized bilinearly to the label
+  size, then argmax-ed into one confusion matrix per output. The headline `miou`,
+  `pixel_acc` and `mean_acc` are those of the last output (the ensemble); per-output mIoU
+  is reported as `miou_<name>`.
+
+The eval loader gives each rank a disjoint shard (see plfusion.data.loader.ShardBatchSampler),
+so summing counts and confusion matrices over ranks counts every sample exactly once.
+"""
+import logging
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from tqdm import tqdm
+
+from ..metrics import ConfusionMatrix, topk_accuracy
+from .distributed import all_reduce_sum, is_main_process
+
+__all__ = ["Evaluator"]
+
+logger = logging.getLogger(__name__)
+
+
+def _labels_of(dataset_or_none, count):
+    names = list(getattr(dataset_or_none, "modalities", None) or [])
+    if count == 1:
+        return [""]
+    if len(names) == count - 1:
+        return names + ["ensemble"]
+    return [f"out{i}" for i in range(count - 1)] + ["ensemble"]
+
+
+class Evaluator:
+    """`Evaluator(num_classes, ignore_index, topk).run(model, loader, ...)` -> {metric: value}."""
+
+    def __init__(self, num_classes=None, ignore_index=255, topk=(1, 5), amp=None):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.topk = tuple(topk)
+        self.amp = amp  # (level, dtype) for auto_cast on GPU, or None
+
+    def _forward(self, model, inputs):
+        if self.amp is None:
+            return model(inputs)
+        level, dtype = self.amp
+        with paddle.amp.auto_cast(enable=True, level=level, dtype=dtype):
+            return model(inputs)
+
+    @paddle.no_grad()
+    def run(self, model, loader, desc="eval", max_batches=None):
+        was_training = model.training
+        model.eval()
+        task, counts, matrices, names = None, None, None, None
+        samples, classes = 0, 0
+        total = len(loader) if max_batches is None else min(len(loader), max_batches)
+        bar = tqdm(total=total, desc=desc, disable=not is_main_process(), leave=False, dynamic_ncols=True)
+        try:
+            for i, (inputs, labels) in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                outputs = self._forward(model, inputs)
+                outs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+                if task is None:
+                    task = "segmentation" if outs[0].ndim == 4 else "classification"
+                    classes = outs[0].shape[1]
+                    if task == "classification":
+                        counts = np.zeros(len(self.topk) + 1, dtype=np.int64)
+                    else:
+                        k = self.num_classes or outs[-1].shape[1]
+                        matrices = [ConfusionMatrix(k, self.ignore_index) for _ in outs]
+                        names = _labels_of(getattr(loader, "dataset", None), len(outs))
+                if task == "classification":
+                    logits = outs[0].astype("float32").numpy()
+                    y = labels.numpy().reshape(-1)
+                    ks = [min(k, logits.shape[1]) for k in self.topk]
+                    acc = topk_accuracy(logits, y, ks)
+                    n = logits.shape[0]
+                    for j, k in enumerate(ks):
+                        counts[j] += int(round(acc[f"top{k}"] * n / 100.0))
+                    counts[-1] += n
+                    samples += n
+                else:
+                    size = list(labels.shape[-2:])
+                    for cm, out in zip(matrices, outs):
+                        out = out.astype("float32")
+                        if list(out.shape[-2:]) != size:
+                            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+                        cm.update(paddle.argmax(out, axis=1), labels)
+                    samples += labels.shape[0]
+                bar.update(1)
+        finally:
+            bar.close()
+            if was_training:
+                model.train()
+        return self._reduce(task, counts, matrices, names, samples, classes)
+
+    def _reduce(self, task, counts, matrices, names, samples, classes):
+        # Ranks whose shard was empty still join the reduction with zeros of the agreed shape.
+        flags = all_reduce_sum(np.array([task == "classification", task == "segmentation", classes], dtype=np.int64))
+        if flags[0] and flags[1]:
+            raise RuntimeError("evaluation: ranks disagree on the task (classification vs segmentation)")
+        if flags[0]:
+            counts = all_reduce_sum(counts if counts is not None else np.zeros(len(self.topk) + 1, np.int64))
+            n = int(counts[-1])
+            classes = int(flags[2]) // int(flags[0])
+            # top-k with k >= the number of classes is always 100%: not reported
+            result = {f"top{k}": float(counts[j]) / n * 100.0 for j, k in enumerate(self.topk) if k < classes or j == 0}
+            result["samples"] = n
+            return result
+        if flags[1]:
+            if matrices is None:
+                raise RuntimeError("evaluation: this rank's shard is empty; use fewer processes than val samples")
+            for cm in matrices:
+                cm.matrix = all_reduce_sum(cm.matrix)
+            scores = [cm.compute() for cm in matrices]
+            result = {k: scores[-1][k] for k in ("miou", "pixel_acc", "mean_acc")}
+            result["per_class_iou"] = scores[-1]["per_class_iou"]
+            if len(matrices) > 1:
+                for name, s in zip(names, scores):
+                    result[f"miou_{name}"] = s["miou"]
+            result["samples"] = int(all_reduce_sum(np.array([samples], np.int64))[0])
+            return result
+        raise RuntimeError("evaluation: the loader produced no batches")

@@ -1,0 +1,694 @@
+"""The training loop: one code path for one CPU process and for fleet data parallelism.
+
+`Trainer(cfg).train()` builds everything from the config (model, loaders, loss, optimizer,
+LR schedule, AMP, EMA), optionally resumes, and trains for `epochs` or `iters` updates.
+`Trainer(cfg, mode="eval").evaluate(...)` evaluates a checkpoint or pretrained weights.
+
+Engine config sections (besides model / dataloader / loss / optimizer / lr_scheduler):
+
+    epochs: 10                  # or iters: N (updates); not both
+    output_dir: output/run
+    seed: 42
+    amp: {enable: false, level: O1, dtype: float16}     # GPU only; on CPU one warning, then float32
+    ema: {enable: false, decay: 0.9999}
+    train: {accum_steps: 1, log_interval: 10, eval_interval: 1, save_interval: 1, keep_last: 3,
+            best_metric: null, topk: [1, 5]}
+    mixup: {mixup_alpha: 0.8, cutmix_alpha: 1.0, ...}   # optional, classification only
+    teacher: {name: Classifier, ...}                     # optional model section, for DistillationLoss
+
+`eval_interval` and `save_interval` count epochs in an `epochs` run and updates in an `iters`
+run; 0 means only at the end. `best_metric` defaults to top1 (classification) or miou
+(segmentation). One update consumes `accum_steps` batches of `sampler.batch_size` per
+process; the loss is divided by `accum_steps`, and gradients are synchronised across ranks
+only on the last of them.
+
+Extra loss terms (the model-side loss protocol): after each forward pass the trainer calls
+`extra_losses()` on the model inside any fleet / paddle.DataParallel wrappers (followed
+through `._layers`) when it defines one. It returns {name: scalar Tensor}; every term is added
+to the task loss, and logged under its name. TokenFusion's mask sparsity term
+(lambda * sum |m|) arrives this way, so a config that lists the patch trains with it.
+
+Failure behaviour: a non-finite loss (on any rank) stops the run before the update with an
+error naming the step, and nothing is saved, so the last checkpoint stays the last good one.
+A fresh run refuses an output_dir that already holds checkpoints; `resume="auto"` continues
+the newest complete checkpoint there.
+"""
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import numbers
+import os
+import random
+import time
+import uuid
+
+import numpy as np
+import paddle
+import yaml
+
+from ..config import dump_config
+from ..registry import ConfigError, did_you_mean
+from . import distributed as D
+from .checkpoint import (CheckpointManager, CheckpointNotFound, atomic_write_text,
+                         capture_rng_state, load_checkpoint, load_optimizer_state, optimizer_state,
+                         resolve_checkpoint, restore_rng_state)
+from .ema import ModelEMA
+from .evaluator import Evaluator
+from .logger import ScalarWriter, StepTimer, setup_logging
+from .lr_scheduler import build_lr_scheduler
+from .optimizer import build_optimizer, clip_grad_norm
+
+__all__ = ["Trainer", "TrainingDiverged", "OutputDirInUse", "extra_losses", "validate_engine_config"]
+
+logger = logging.getLogger(__name__)
+
+AMP_KEYS = ("enable", "level", "dtype")
+EMA_KEYS = ("enable", "decay")
+TRAIN_KEYS = ("accum_steps", "log_interval", "eval_interval", "save_interval", "keep_last", "best_metric", "topk")
+TRAIN_DEFAULTS = {"accum_steps": 1, "log_interval": 10, "eval_interval": 1, "save_interval": 1, "keep_last": 3,
+                  "best_metric": None, "topk": [1, 5]}
+BEST_METRICS = ("top1", "top5", "miou", "pixel_acc", "mean_acc")
+# Sections nothing in the engine reads: worth a warning, since settings there have no effect.
+UNUSED_HERE = ("eval", "log", "checkpoint", "metric", "distributed")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+class OutputDirInUse(RuntimeError):
+    """output_dir holds another run's checkpoints and no resume was asked for."""
+
+
+# ------------------------------------------------------------------ config checks
+
+def _section(cfg, key, allowed):
+    value = cfg.get(key)
+    if value is None:
+        return {}
+    if not hasattr(value, "items"):
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    for k in value:
+        if k not in allowed:
+            raise ConfigError(f"{key}.{k}: unknown key.{did_you_mean(k, allowed)} Accepted keys: {', '.join(allowed)}")
+    return dict(value)
+
+
+def _int(value, where, minimum):
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or value < minimum:
+        raise ConfigError(f"{where}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _bool(value, where):
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def validate_engine_config(cfg):
+    """Check the engine's own sections; returns (train, amp, ema) dicts with defaults filled in."""
+    for key in UNUSED_HERE:
+        if key in cfg:
+            logger.warning("config section '%s' is not read by the training engine; its settings have no effect "
+                           "(training options live in 'train')", key)
+    train = dict(TRAIN_DEFAULTS, **_section(cfg, "train", TRAIN_KEYS))
+    train["accum_steps"] = _int(train["accum_steps"], "train.accum_steps", 1)
+    train["log_interval"] = _int(train["log_interval"], "train.log_interval", 1)
+    for key in ("eval_interval", "save_interval", "keep_last"):
+        train[key] = _int(train[key], f"train.{key}", 0)
+    best = train["best_metric"]
+    if best is not None and not (isinstance(best, str) and (best in BEST_METRICS or best.startswith(("miou_", "ema_"))
+                                                            or (best.startswith("top") and best[3:].isdigit()))):
+        raise ConfigError(f"train.best_metric: expected an evaluation metric ({', '.join(BEST_METRICS)}, miou_<output>, "
+                          f"ema_<metric>), got {best!r}.{did_you_mean(best, BEST_METRICS)}")
+    topk = train["topk"]
+    if not (isinstance(topk, (list, tuple)) and topk and all(isinstance(k, int) and not isinstance(k, bool)
+                                                             and k >= 1 for k in topk)):
+        raise ConfigError(f"train.topk: expected a list of positive integers such as [1, 5], got {topk!r}")
+
+    amp = dict({"enable": False, "level": "O1", "dtype": "float16"}, **_section(cfg, "amp", AMP_KEYS))
+    _bool(amp["enable"], "amp.enable")
+    if amp["level"] not in ("O1", "O2"):
+        raise ConfigError(f"amp.level: expected O1 or O2, got {amp['level']!r}")
+    if amp["dtype"] not in ("float16", "bfloat16"):
+        raise ConfigError(f"amp.dtype: expected float16 or bfloat16, got {amp['dtype']!r}")
+
+    ema = dict({"enable": False, "decay": 0.9999}, **_section(cfg, "ema", EMA_KEYS))
+    _bool(ema["enable"], "ema.enable")
+
+    has_epochs, has_iters = cfg.get("epochs") is not None, cfg.get("iters") is not None
+    if has_epochs == has_iters:
+        raise ConfigError("give the training length as exactly one of 'epochs' or 'iters' (updates); "
+                          f"got {'both' if has_epochs else 'neither'}")
+    if has_epochs:
+        _int(cfg["epochs"], "epochs", 1)
+    else:
+        _int(cfg["iters"], "iters", 1)
+    _int(cfg.get("seed", 0), "seed", 0)
+    if not isinstance(cfg.get("output_dir", "output"), str) or not cfg.get("output_dir", "output"):
+        raise ConfigError(f"output_dir: expected a directory path, got {cfg.get('output_dir')!r}")
+    for key in ("dataloader", "optimizer", "lr_scheduler", "loss", "model"):
+        if key not in cfg:
+            raise ConfigError(f"'{key}' section is missing; training needs model, dataloader, loss, optimizer "
+                              f"and lr_scheduler")
+    return train, amp, ema
+
+
+# ------------------------------------------------------------------ helpers
+
+def extra_losses(model):
+    """{name: scalar Tensor} from the innermost model's `extra_losses()`, or {}."""
+    inner = D.unwrap_model(model)
+    fn = getattr(inner, "extra_losses", None)
+    if fn is None:
+        return {}
+    terms = fn()
+    if not isinstance(terms, dict):
+        raise TypeError(f"{type(inner).__name__}.extra_losses() must return a dict of scalar tensors, got "
+                        f"{type(terms).__name__}")
+    for name, value in terms.items():
+        if not isinstance(value, paddle.Tensor) or value.size != 1:
+            raise TypeError(f"{type(inner).__name__}.extra_losses()['{name}'] must be a scalar tensor, got "
+                            f"{getattr(value, 'shape', type(value).__name__)}")
+    return terms
+
+
+def _state_numpy(model):
+    return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def load_model_state(model, state, source):
+    """Strict set_state_dict: every key present with the right shape, nothing extra."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit the model: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    for k, v in own.items():
+        if list(np.shape(state[k])) != list(v.shape):
+            raise ValueError(f"{source}: '{k}' has shape {list(np.shape(state[k]))}, the model needs {list(v.shape)}")
+    model.set_state_dict({k: np.asarray(state[k]).astype(np.dtype(str(own[k].numpy().dtype)), copy=False)
+                          for k in own})
+
+
+def weights_digest(model):
+    """sha256 over the model's parameters and buffers, in name order (identical weights <=> equal)."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(value.numpy()).tobytes())
+    return h.hexdigest()
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, paddle.Tensor):
+        obj = obj.numpy()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _setup_amp(amp):
+    """(enabled, level, dtype): AMP runs only on a GPU; elsewhere one warning and float32."""
+    if not amp["enable"]:
+        return False, None, None
+    device = paddle.device.get_device()
+    if not paddle.is_compiled_with_cuda() or not device.startswith("gpu"):
+        logger.warning("amp.enable is true but training runs on %s: AMP (%s, %s) is disabled, training in float32",
+                       device, amp["level"], amp["dtype"])
+        return False, None, None
+    return True, amp["level"], amp["dtype"]
+
+
+# ------------------------------------------------------------------ trainer
+
+class Trainer:
+    """mode 'train' builds everything; mode 'eval' builds the model and the val loader only."""
+
+    def __init__(self, cfg, mode="train"):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"Trainer: mode must be 'train' or 'eval', got {mode!r}")
+        self.cfg = cfg
+        self.mode = mode
+        self.train_opts, amp_cfg, self.ema_cfg = validate_engine_config(cfg) if mode == "train" else \
+            self._eval_options(cfg)
+        self.rank, self.world_size = D.init_distributed()
+        self.is_main = D.is_main_process()
+        self.output_dir = cfg.get("output_dir", "output")
+        self.seed = int(cfg.get("seed", 0))
+        setup_logging(self.output_dir, self.rank, "train.log" if mode == "train" else "eval.log")
+        if self.is_main:
+            logger.info("resolved config:\n%s", yaml.safe_dump(cfg.to_dict() if hasattr(cfg, "to_dict")
+                                                               else dict(cfg), sort_keys=False).rstrip())
+        self.amp_enabled, self.amp_level, self.amp_dtype = _setup_amp(amp_cfg)
+
+        # Same seed on every rank while building, so the initial weights agree before fleet syncs them.
+        self._seed_all(self.seed)
+        from ..models import build_model
+        self.model = build_model(cfg.model)
+        self.val_loader = self._build_loader("val") if "val" in (cfg.get("dataloader") or {}) else None
+        self.evaluator = Evaluator(num_classes=self._num_classes(self.val_loader), ignore_index=self._ignore_index(),
+                                   topk=self.train_opts["topk"],
+                                   amp=(self.amp_level, self.amp_dtype) if self.amp_enabled else None)
+        if mode == "train":
+            self._setup_training()
+        # From here on every rank draws its own dropout / augmentation randomness.
+        self._seed_all(self.seed + self.rank)
+
+    # -------------------------------------------------------------- building
+
+    @staticmethod
+    def _eval_options(cfg):
+        train = dict(TRAIN_DEFAULTS, **_section(cfg, "train", TRAIN_KEYS))
+        amp = dict({"enable": False, "level": "O1", "dtype": "float16"}, **_section(cfg, "amp", AMP_KEYS))
+        ema = dict({"enable": False, "decay": 0.9999}, **_section(cfg, "ema", EMA_KEYS))
+        return train, amp, ema
+
+    @staticmethod
+    def _seed_all(seed):
+        random.seed(seed)
+        np.random.seed(seed % (2 ** 32))
+        paddle.seed(seed)
+
+    def _build_loader(self, mode):
+        from ..data.loader import build_dataloader
+        sections = self.cfg.get("dataloader")
+        if not hasattr(sections, "get") or mode not in sections:
+            raise ConfigError(f"dataloader.{mode}: missing")
+        for key in sections:
+            if key not in ("train", "val", "test"):
+                raise ConfigError(f"dataloader.{key}: unknown loader.{did_you_mean(key, ['train', 'val', 'test'])} "
+                                  f"Expected train, val or test")
+        return build_dataloader(sections[mode], mode, self.seed, rank=self.rank, world_size=self.world_size)
+
+    @staticmethod
+    def _num_classes(loader):
+        return getattr(loader.dataset, "num_classes", None) if loader is not None else None
+
+    def _ignore_index(self):
+        for loader in (self.val_loader, getattr(self, "train_loader", None)):
+            if loader is not None and hasattr(loader.dataset, "ignore_index"):
+                return int(loader.dataset.ignore_index)
+        loss = self.cfg.get("loss") or {}
+        return int(loss.get("ignore_index", 255)) if loss.get("ignore_index") is not None else 255
+
+    def _setup_training(self):
+        cfg, opts = self.cfg, self.train_opts
+        self.train_loader = self._build_loader("train")
+        self.accum = opts["accum_steps"]
+        batches = len(self.train_loader)
+        self.iters_per_epoch = batches // self.accum
+        if self.iters_per_epoch == 0:
+            raise ConfigError(f"train.accum_steps: {self.accum} exceeds the {batches} batches of an epoch")
+        if batches % self.accum:
+            logger.warning("an epoch has %d batches, not a multiple of train.accum_steps=%d: the last %d batches of "
+                           "every epoch are skipped", batches, self.accum, batches % self.accum)
+        self.by_epoch = cfg.get("epochs") is not None
+        self.total_steps = cfg["epochs"] * self.iters_per_epoch if self.by_epoch else int(cfg["iters"])
+        self.num_epochs = cfg["epochs"] if self.by_epoch else math.ceil(self.total_steps / self.iters_per_epoch)
+
+        from ..losses import build_loss
+        teacher = None
+        if cfg.get("teacher") is not None:
+            from ..models import build_model
+            teacher = build_model(cfg.teacher)
+            teacher.eval()
+            for p in teacher.parameters():
+                p.stop_gradient = True
+        self.loss_fn = build_loss(cfg.loss, teacher=teacher) if teacher is not None else build_loss(cfg.loss)
+        self.loss_needs_inputs = bool(getattr(self.loss_fn, "needs_inputs", False))
+        self.mixup = self._build_mixup()
+
+        self.scheduler = build_lr_scheduler(cfg.lr_scheduler, self.iters_per_epoch, self.total_steps)
+        inner = self.model
+        self.optimizer, self.max_grad_norm = build_optimizer(cfg.optimizer, inner, self.scheduler,
+                                                             multi_precision=self.amp_enabled and self.amp_level == "O2")
+        self.scaler = None
+        if self.amp_enabled:
+            if self.amp_level == "O2":
+                inner, self.optimizer = paddle.amp.decorate(models=inner, optimizers=self.optimizer, level="O2",
+                                                            dtype=self.amp_dtype, save_dtype="float32")
+            if self.amp_dtype == "float16":
+                self.scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 16)
+            logger.info("AMP %s with %s", self.amp_level, self.amp_dtype)
+        self.ema = ModelEMA(inner, self.ema_cfg["decay"]) if self.ema_cfg["enable"] else None
+        self.model = D.wrap_model(inner)
+        self.optimizer = D.wrap_optimizer(self.optimizer)
+        self.net = D.unwrap_model(self.model)
+        self.params = [p for p in self.net.parameters() if not p.stop_gradient]
+
+        self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.best = {"metric": opts["best_metric"], "value": None, "step": None}
+        self.last_metrics = {}
+        self.history = []
+        self.run_id = uuid.uuid4().hex
+        self.ckpt = CheckpointManager(self.output_dir, keep_last=opts["keep_last"])
+        if self.val_loader is None:
+            logger.warning("no dataloader.val section: training runs without evaluation, so no best checkpoint")
+
+    def _build_mixup(self):
+        spec = self.cfg.get("mixup")
+        if spec is None:
+            return None
+        from ..data.mixup import Mixup
+        from ..registry import check_kwargs
+        if not hasattr(spec, "items"):
+            raise ConfigError(f"mixup: expected a mapping of Mixup arguments, got {spec!r}")
+        spec = dict(spec)
+        check_kwargs(Mixup, spec, "mixup")
+        if "seed" in spec:
+            raise ConfigError("mixup.seed: not configurable; mixing draws from (seed, rank, step) so runs resume exactly")
+        if self.cfg.loss.get("name") == "CrossEntropyLoss":
+            raise ConfigError("mixup produces soft targets, which CrossEntropyLoss rejects; set loss.name: "
+                              "SoftTargetCrossEntropy (or DistillationLoss with that base_loss)")
+        spec.setdefault("num_classes", getattr(self.train_loader.dataset, "num_classes", 1000))
+        return Mixup(**spec)
+
+    # -------------------------------------------------------------- resume / output dir
+
+    def _claim_output_dir(self, resume):
+        """Refuse to train over another run's checkpoints unless resuming; returns the checkpoint prefix."""
+        decision = None
+        if self.is_main:
+            try:
+                prefix = resolve_checkpoint(resume, self.output_dir) if resume else None
+                if prefix is None and self.ckpt.has_any():
+                    latest = self.ckpt.latest()
+                    raise OutputDirInUse(
+                        f"output_dir {self.output_dir} already holds checkpoints of a run"
+                        f"{f' (newest complete: {os.path.basename(latest)})' if latest else ''}. Pass --resume auto "
+                        f"to continue it, or choose another directory with -o output_dir=...")
+                if prefix is not None and self.ckpt.has_any() and \
+                        os.path.abspath(os.path.dirname(prefix)) != os.path.abspath(self.ckpt.directory):
+                    raise OutputDirInUse(
+                        f"resuming from {prefix} would write into {self.ckpt.directory}, which holds another run's "
+                        f"checkpoints; set -o output_dir=... to a fresh directory or to the run being resumed")
+                decision = ("ok", prefix)
+            except (OutputDirInUse, CheckpointNotFound) as e:
+                decision = (type(e).__name__, str(e))
+        decision = D.broadcast_object(decision)
+        if decision[0] == "OutputDirInUse":
+            raise OutputDirInUse(decision[1])
+        if decision[0] == "CheckpointNotFound":
+            raise CheckpointNotFound(decision[1])
+        return decision[1]
+
+    def _restore(self, prefix):
+        ck = load_checkpoint(prefix)
+        state = ck["state"]
+        if ck["optimizer"] is None:
+            raise CheckpointNotFound(f"{prefix} holds weights only (no optimizer state) and cannot resume training; "
+                                     f"use it with --pretrained / model.pretrained to fine-tune instead")
+        load_model_state(self.net, ck["model"], f"{prefix}.pdparams")
+        load_optimizer_state(self.optimizer, self.net, ck["optimizer"], f"{prefix}.pdopt")
+        self.scheduler.set_state_dict(state["lr_scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            scaler_state = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in state["scaler"].items()}
+            self.scaler.load_state_dict(scaler_state)
+        if self.ema is not None:
+            if ck["ema"] is None:
+                logger.warning("%s has no EMA weights; EMA restarts from the restored weights", prefix)
+                self.ema = ModelEMA(self.net, self.ema_cfg["decay"])
+            else:
+                self.ema.set_state_dict(ck["ema"], f"{prefix}.ema.pdparams")
+        self.global_step = int(state["global_step"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        if state.get("iters_per_epoch") != self.iters_per_epoch or state.get("world_size") != self.world_size:
+            logger.warning("resuming with %d updates per epoch on %d process(es); the checkpoint was written with %s "
+                           "on %s: the data order after resuming differs from the original run",
+                           self.iters_per_epoch, self.world_size, state.get("iters_per_epoch"), state.get("world_size"))
+            if self.step_in_epoch > self.iters_per_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if self.step_in_epoch >= self.iters_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        best = state.get("best") or {}
+        if self.best["metric"] in (None, best.get("metric")):
+            self.best = {"metric": best.get("metric"), "value": best.get("value"), "step": best.get("step")}
+        self.last_metrics = state.get("metrics") or {}
+        self.run_id = state.get("run_id", self.run_id)
+        rng = state.get("rng") or []
+        if rng:
+            restore_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
+        logger.info("resumed from %s: step %d, epoch %d, update %d of the epoch", prefix, self.global_step,
+                    self.epoch + 1, self.step_in_epoch)
+
+    def _write_run_config(self):
+        if not self.is_main:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = os.path.join(self.output_dir, "config.yaml")
+        if os.path.isfile(path):
+            with open(path, "r", encoding="utf-8") as f:
+                old = yaml.safe_load(f)
+            new = self.cfg.to_dict() if hasattr(self.cfg, "to_dict") else dict(self.cfg)
+            if old != new:
+                backup = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}"
+                os.replace(path, backup)
+                logger.warning("the config differs from the one this run used before; the old one is kept as %s",
+                               backup)
+        dump_config(self.cfg, path)
+
+    # -------------------------------------------------------------- training
+
+    def _forward_loss(self, inputs, labels):
+        outputs = self.model(inputs)
+        loss = self.loss_fn(outputs, labels, inputs) if self.loss_needs_inputs else self.loss_fn(outputs, labels)
+        terms = extra_losses(self.model)
+        total = loss
+        for value in terms.values():
+            total = total + value.astype(total.dtype)
+        return total, loss, terms
+
+    def _batch_size(self, inputs):
+        first = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
+        return int(first.shape[0])
+
+    def _train_step(self, batches):
+        """One update from `accum` batches; returns (mean loss over ranks, components, samples)."""
+        total_loss = paddle.zeros([1], dtype="float32")
+        parts = {}
+        samples = 0
+        for micro, (inputs, labels) in enumerate(batches):
+            if self.mixup is not None:
+                self.mixup.rng = np.random.default_rng([self.seed, self.rank, self.global_step, micro])
+                inputs, labels = self.mixup(inputs, labels)
+            last = micro == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not D.is_distributed() else self.model.no_sync()
+            with sync:
+                if self.amp_enabled:
+                    with paddle.amp.auto_cast(enable=True, level=self.amp_level, dtype=self.amp_dtype):
+                        total, loss, terms = self._forward_loss(inputs, labels)
+                else:
+                    total, loss, terms = self._forward_loss(inputs, labels)
+                scaled = total.astype("float32") / self.accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            total_loss = total_loss + total.detach().astype("float32").reshape([1]) / self.accum
+            # with extra terms the task loss is logged on its own as well
+            for name, value in ([("task_loss", loss)] + list(terms.items()) if terms else []):
+                parts[name] = parts.get(name, 0.0) + value.detach().astype("float32").reshape([1]) / self.accum
+            samples += self._batch_size(inputs)
+        names = sorted(parts)
+        local = paddle.concat([total_loss] + [parts[n] for n in names]).numpy().astype(np.float64)
+        reduced = D.all_reduce_sum(np.concatenate([local, [0.0 if np.isfinite(local).all() else 1.0]]))
+        world = self.world_size
+        mean = reduced[:-1] / world
+        if reduced[-1] > 0 or not np.isfinite(mean).all():
+            self.optimizer.clear_grad()
+            raise TrainingDiverged(
+                f"loss is {mean[0]} at step {self.global_step + 1} (epoch {self.epoch + 1}, update "
+                f"{self.step_in_epoch + 1} of {self.iters_per_epoch}); stopping without saving. The last good "
+                f"checkpoint is {self.ckpt.latest() or 'none'}; lower the learning rate or check the data")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_grad_norm(self.params, self.max_grad_norm) if self.max_grad_norm is not None else None
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                self.optimizer.clear_grad()
+                raise TrainingDiverged(f"gradient norm is {grad_norm} at step {self.global_step + 1}; stopping "
+                                       f"without saving")
+            self.optimizer.step()
+        self.optimizer.clear_grad()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.net)
+        components = {n: float(v) for n, v in zip(names, mean[1:])}
+        return float(mean[0]), components, samples * world, grad_norm
+
+    def train(self, resume=None, max_steps=None):
+        """Train to the configured length (or `max_steps` updates); returns a summary dict."""
+        if self.mode != "train":
+            raise RuntimeError("Trainer(mode='eval') cannot train")
+        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+            raise ValueError(f"max_steps: expected a positive integer, got {max_steps!r}")
+        prefix = self._claim_output_dir(resume)
+        if prefix is not None:
+            self._restore(prefix)
+        self._write_run_config()
+        stop_at = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
+        writer = ScalarWriter(self.output_dir, active=self.is_main)
+        timer = StepTimer(stop_at, self.global_step)
+        opts = self.train_opts
+        logger.info("training %d updates (%d per epoch, %d epochs) on %d process(es): batch %d x accum %d x %d = %d "
+                    "samples per update", self.total_steps, self.iters_per_epoch, self.num_epochs, self.world_size,
+                    self.train_loader.batch_size, self.accum, self.world_size,
+                    self.train_loader.batch_size * self.accum * self.world_size)
+        self.model.train()
+        try:
+            while self.global_step < stop_at:
+                self.train_loader.set_epoch(self.epoch, start_batch=self.step_in_epoch * self.accum)
+                batches = iter(self.train_loader)
+                while self.step_in_epoch < self.iters_per_epoch and self.global_step < stop_at:
+                    t0 = time.time()
+                    group = [next(batches) for _ in range(self.accum)]
+                    reader_cost = time.time() - t0
+                    lr = self.optimizer.get_lr()
+                    loss, parts, samples, grad_norm = self._train_step(group)
+                    self.global_step += 1
+                    self.step_in_epoch += 1
+                    timer.update(reader_cost, time.time() - t0, samples)
+                    self.history.append((self.global_step, loss))
+                    if self.global_step % opts["log_interval"] == 0 or self.global_step == stop_at:
+                        self._log_step(writer, timer, lr, loss, parts, grad_norm)
+                    epoch_end = self.step_in_epoch == self.iters_per_epoch
+                    self._maybe_eval_and_save(writer, epoch_end, stop_at)
+                if self.step_in_epoch >= self.iters_per_epoch:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                del batches
+        finally:
+            writer.close()
+        return {"global_step": self.global_step, "metrics": self.last_metrics, "best": self.best,
+                "history": self.history, "output_dir": self.output_dir}
+
+    def _log_step(self, writer, timer, lr, loss, parts, grad_norm):
+        s = timer.summary(self.global_step)
+        extra = "".join(f" {k} {v:.5f}" for k, v in parts.items())
+        norm = f" grad_norm {grad_norm:.4f}" if grad_norm is not None else ""
+        logger.info("epoch [%d/%d] iter [%d/%d] step %d/%d lr %.6e loss %.5f%s%s reader_cost %.5f s batch_cost %.5f s "
+                    "ips %.2f img/s eta %s", self.epoch + 1, self.num_epochs, self.step_in_epoch, self.iters_per_epoch,
+                    self.global_step, self.total_steps, lr, loss, extra, norm, s["reader_cost"], s["batch_cost"],
+                    s["ips"], s["eta"])
+        scalars = {"train/loss": loss, "train/lr": lr, "train/ips": s["ips"]}
+        scalars.update({f"train/{k}": v for k, v in parts.items()})
+        writer.add_scalars(scalars, self.global_step)
+        timer.reset()
+
+    def _due(self, interval, epoch_end, final):
+        if final:
+            return True
+        if interval == 0:
+            return False
+        if self.by_epoch:
+            return epoch_end and (self.epoch + 1) % interval == 0
+        return self.global_step % interval == 0
+
+    def _maybe_eval_and_save(self, writer, epoch_end, stop_at):
+        final = self.global_step >= stop_at
+        opts = self.train_opts
+        if self.val_loader is not None and self._due(opts["eval_interval"], epoch_end, final):
+            self.last_metrics = self.evaluate_now()
+            scalars = {f"eval/{k}": v for k, v in self.last_metrics.items() if isinstance(v, (int, float))
+                       and k != "samples"}
+            writer.add_scalars(scalars, self.global_step)
+            self._update_best()
+        if self._due(opts["save_interval"], epoch_end, final):
+            self._save(final=final, epoch_end=epoch_end)
+
+    def _update_best(self):
+        metrics = self.last_metrics
+        if self.best["metric"] is None:
+            self.best["metric"] = "top1" if "top1" in metrics else "miou" if "miou" in metrics else None
+        name = self.best["metric"]
+        if name is None:
+            return
+        if name not in metrics:
+            raise ConfigError(f"train.best_metric: '{name}' is not among the evaluation metrics "
+                              f"{sorted(k for k in metrics if k != 'per_class_iou')}.{did_you_mean(name, metrics)}")
+        value = float(metrics[name])
+        if math.isnan(value):
+            return
+        if self.best["value"] is None or value > self.best["value"]:
+            self.best.update(value=value, step=self.global_step)
+            if self.is_main:
+                self.ckpt.save_best(_state_numpy(self.net), {"global_step": self.global_step, "epoch": self.epoch,
+                                                             "best": dict(self.best), "metrics": _jsonable(metrics)})
+            logger.info("new best %s %.4f at step %d", name, value, self.global_step)
+
+    def _save(self, final, epoch_end):
+        rng = D.all_gather_object(capture_rng_state())
+        digests = D.all_gather_object(weights_digest(self.net)) if final and D.is_distributed() else None
+        if digests is not None and len(set(digests)) != 1:
+            raise RuntimeError(f"ranks hold different weights at step {self.global_step}: {digests}")
+        if not self.is_main:
+            return
+        name = f"epoch_{self.epoch + 1}" if epoch_end and self.by_epoch else f"iter_{self.global_step:07d}"
+        state = {"global_step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                 "iters_per_epoch": self.iters_per_epoch, "total_steps": self.total_steps,
+                 "world_size": self.world_size, "accum_steps": self.accum,
+                 "lr_scheduler": _jsonable(self.scheduler.state_dict()),
+                 "scaler": _jsonable(self.scaler.state_dict()) if self.scaler is not None else None,
+                 "best": dict(self.best), "metrics": _jsonable(self.last_metrics), "rng": rng, "run_id": self.run_id}
+        if digests is not None:
+            state["rank_weight_digests"] = digests
+        self.ckpt.save(name, _state_numpy(self.net), optimizer_state(self.optimizer, self.net), state,
+                       ema_state={k: v.numpy() for k, v in self.ema.state_dict().items()} if self.ema else None)
+
+    # -------------------------------------------------------------- evaluation
+
+    def evaluate_now(self, desc="eval"):
+        """Evaluate the current weights (and the EMA weights when EMA is on) on the val loader."""
+        if self.val_loader is None:
+            raise ConfigError("dataloader.val: missing, so there is nothing to evaluate on")
+        net = D.unwrap_model(self.model)
+        metrics = self.evaluator.run(net, self.val_loader, desc=desc)
+        ema = getattr(self, "ema", None)
+        if ema is not None:
+            with ema.swapped(net):
+                ema_metrics = self.evaluator.run(net, self.val_loader, desc=f"{desc} (ema)")
+            metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k not in ("samples", "per_class_iou")})
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                          if k != "per_class_iou")
+        logger.info("evaluation at step %d: %s", getattr(self, "global_step", 0), shown)
+        return metrics
+
+    def evaluate(self, resume=None, pretrained=None, use_ema=False):
+        """Load weights from a training checkpoint (`resume`: path, run dir or 'auto') or a pretrained
+        file, evaluate, and write `<output_dir>/eval_results.json` (rank 0)."""
+        if (resume is None) == (pretrained is None):
+            raise ValueError("evaluate: give exactly one of resume (a checkpoint) or pretrained (a weights file)")
+        if resume is not None:
+            prefix = D.broadcast_object(resolve_checkpoint(resume, self.output_dir) if self.is_main else None)
+            ck = load_checkpoint(prefix, with_optimizer=False)
+            weights = ck["model"]
+            if use_ema:
+                if ck["ema"] is None:
+                    raise ValueError(f"{prefix}: has no EMA weights (train with ema.enable: true)")
+                weights = ck["ema"]
+            load_model_state(self.model, weights, f"{prefix}{'.ema' if use_ema else ''}.pdparams")
+            source = prefix
+            self.global_step = int(ck["state"].get("global_step", 0))
+        else:
+            report = self.model.load_pretrained(pretrained)
+            logger.info("%s", report)
+            source = pretrained
+        metrics = self.evaluate_now()
+        if self.is_main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            dump_config(self.cfg, os.path.join(self.output_dir, "eval_config.yaml"))
+            atomic_write_text(json.dumps({"weights": source, "metrics": _jsonable(metrics)}, indent=1),
+                              os.path.join(self.output_dir, "eval_results.json"))
+        return metrics
+
