@@ -20,6 +20,34 @@ TOP_LEVEL_SECTIONS = (
 CREATABLE_KEYS = ("model.patches", "model.pretrained", "model.architecture.pretrained")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML would keep
+    the last value and silently drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *base` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:   # an unhashable key; PyYAML reports it below
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"key {key!r} is given twice (first on line {first.line + 1}); only one value can count",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_load(stream):
+    return yaml.load(stream, Loader=_StrictLoader)
+
+
 class AttrDict(dict):
     """dict with attribute access; nested dicts become AttrDicts."""
 
@@ -61,12 +89,12 @@ def _read_yaml(path, included_from=None):
         raise FileNotFoundError(f"config file not found: {path}{via}")
     with open(path, "r", encoding="utf-8") as f:
         try:
-            data = yaml.safe_load(f)
+            data = _yaml_load(f)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
             problem = getattr(e, "problem", None) or str(e)
-            raise ConfigError(f"YAML syntax error in {where}: {problem}") from None
+            raise ConfigError(f"YAML error in {where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -99,6 +127,8 @@ def _load(path, stack=(), included_from=None):
         raise ConfigError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
     merged = {}
     for b in bases:
+        if not isinstance(b, str):
+            raise ConfigError(f"{path}: _base_ entries must be paths, got {b!r}")
         bpath = b if os.path.isabs(b) else os.path.join(os.path.dirname(path), b)
         merged = _merge(merged, _load(bpath, stack + (path,), included_from=path))
     return _merge(merged, data)
@@ -117,7 +147,7 @@ def parse_overrides(overrides):
         if not key:
             raise ConfigError(f"override '{item}' has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() != "" else ""
+            value = _yaml_load(raw) if raw.strip() != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from None
         out.append((key.split("."), value, create))

@@ -2,6 +2,7 @@
 soft-target cross entropy for mixup/cutmix, and DeiT's distillation loss."""
 import math
 import numbers
+from typing import Optional
 
 import paddle
 import paddle.nn as nn
@@ -34,7 +35,7 @@ class CrossEntropyLoss(nn.Layer):
     `ignore_index=None` ignores nothing. An ignore_index that is also a class index (255 with
     1000 ImageNet classes) is rejected rather than silently dropping that class."""
 
-    def __init__(self, ignore_index=255, label_smoothing=0.0, weight=None):
+    def __init__(self, ignore_index: Optional[int] = 255, label_smoothing=0.0, weight=None):
         super().__init__()
         if ignore_index is not None and not (isinstance(ignore_index, numbers.Integral)
                                              and not isinstance(ignore_index, bool)):

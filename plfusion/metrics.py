@@ -34,7 +34,7 @@ class ConfusionMatrix:
     """
 
     def __init__(self, num_classes, ignore_index=255):
-        if not isinstance(num_classes, (int, np.integer)) or num_classes <= 0:
+        if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes <= 0:
             raise ValueError(f"ConfusionMatrix: num_classes must be a positive int, got {num_classes!r}")
         self.num_classes = int(num_classes)
         self.ignore_index = int(ignore_index)

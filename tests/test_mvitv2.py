@@ -268,5 +268,5 @@ def test_bad_inputs_raise_clear_errors():
         create_model("mvitv2_tiny", img_size=200)
     with pytest.raises(ValueError, match="pass num_classes=0"):
         create_model("mvitv2_tiny", out_indices=(3,))
-    with pytest.raises(ValueError, match=r"out_indices \(5,\)"):
+    with pytest.raises(ValueError, match=r"out_indices \[5\]"):
         create_model("mvitv2_tiny", num_classes=0, out_indices=(5,))

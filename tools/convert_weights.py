@@ -30,9 +30,17 @@ def main(argv=None):
         kwargs = json.loads(args.kwargs)
     except json.JSONDecodeError as e:
         p.error(f"--kwargs is not valid JSON: {e}")
+    if not isinstance(kwargs, dict):
+        p.error(f"--kwargs must be a JSON object of model arguments, got {args.kwargs}")
 
-    model = create_model(args.arch, **kwargs)
-    report = model.load_pretrained(args.src, strict=args.strict)
+    # A bad argument or checkpoint is the user's to fix: one line naming it, exit status 1, no --dst written.
+    try:
+        model = create_model(args.arch, **kwargs)
+        report = model.load_pretrained(args.src, strict=args.strict)
+    except (KeyError, ValueError, OSError) as e:   # CheckpointError, ConfigError, FileNotFoundError, ...
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"convert_weights: error: {message}", file=sys.stderr)
+        return 1
     print(report)
     tmp = args.dst + ".tmp"
     paddle.save(model.state_dict(), tmp)

@@ -7,6 +7,7 @@ call `set_epoch(epoch)` each epoch to vary the augmentation.
 """
 import logging
 import os
+from typing import Tuple, Union
 
 import numpy as np
 import paddle
@@ -177,7 +178,8 @@ class ImageFolder(ClassificationDataset):
     classes are the sorted sub-folder names, files are found recursively (following links) in
     sorted order and kept when their lower-cased name ends with one of `extensions`."""
 
-    def __init__(self, root, split=None, transforms=None, extensions=IMG_EXTENSIONS, seed=None):
+    def __init__(self, root, split=None, transforms=None, extensions: Union[str, Tuple[str, ...]] = IMG_EXTENSIONS,
+                 seed=None):
         if not isinstance(root, str):
             raise ConfigError(f"ImageFolder.root: expected a directory path, got {root!r}")
         folder = os.path.join(root, split) if split else root
@@ -185,6 +187,9 @@ class ImageFolder(ClassificationDataset):
             raise FileNotFoundError(f"ImageFolder.root: image folder not found: {folder!r}")
         if isinstance(extensions, str):
             extensions = (extensions,)
+        if not (isinstance(extensions, (list, tuple)) and extensions and all(isinstance(e, str) for e in extensions)):
+            raise ConfigError(f"ImageFolder.extensions: expected a file extension or a list of them, "
+                              f"got {extensions!r}")
         extensions = tuple(e.lower() for e in extensions)
         classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
         if not classes:

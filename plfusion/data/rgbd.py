@@ -15,7 +15,9 @@ GeminiFusion does before tiling depth to 3 channels), 16-bit by 1/65535, unless
 `depth_scale` gives another factor (e.g. 1/10000 for millimetres up to 10 m).
 """
 import logging
+import numbers
 import os
+from typing import Tuple, Union
 
 import numpy as np
 import paddle
@@ -98,6 +100,11 @@ class SegmentationDataset(paddle.io.Dataset):
         name = type(self).__name__
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes <= 0:
             raise ConfigError(f"{name}: num_classes must be a positive int, got {num_classes!r}")
+        if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+            raise ConfigError(f"{name}: ignore_index must be an int, got {ignore_index!r}")
+        if aug_seed is not None and not (isinstance(aug_seed, numbers.Integral) and not isinstance(aug_seed, bool)
+                                         and aug_seed >= 0):
+            raise ConfigError(f"{name}: aug_seed must be an int >= 0 or null, got {aug_seed!r}")
         if 0 <= ignore_index < num_classes:
             raise ConfigError(f"{name}: ignore_index={ignore_index} collides with a class id "
                               f"(num_classes={num_classes})")
@@ -115,7 +122,11 @@ class SegmentationDataset(paddle.io.Dataset):
         self.num_classes = num_classes
         self.ignore_index = int(ignore_index)
         self.modalities = modalities
-        if class_names is None or len(class_names) != num_classes:
+        if class_names is not None and len(class_names) != num_classes:
+            logger.warning("%s: num_classes=%d but there are %d class names; naming the classes class_0..class_%d",
+                           name, num_classes, len(class_names), num_classes - 1)
+            class_names = None
+        if class_names is None:
             class_names = [f"class_{k}" for k in range(num_classes)]
         self.class_names = list(class_names)
         self.palette = make_palette(num_classes)
@@ -194,13 +205,16 @@ class RGBDListDataset(SegmentationDataset):
                  modalities=("rgb", "depth"), transforms=None, aug_seed=None, depth_scale=None):
         super().__init__(num_classes, class_names, ignore_index, modalities, transforms, aug_seed)
         name = type(self).__name__
+        if depth_scale is not None and (not isinstance(depth_scale, numbers.Real) or isinstance(depth_scale, bool)
+                                        or not depth_scale > 0):
+            raise ConfigError(f"{name}: depth_scale must be positive or None, got {depth_scale!r}")
+        if not isinstance(root, (str, os.PathLike)):
+            raise ConfigError(f"{name}: root must be a directory path, got {root!r}")
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{name}: dataset root {root!r} is not a directory. {self.layout_hint}")
         list_path = os.path.join(root, list_file)
         if not os.path.isfile(list_path):
             raise FileNotFoundError(f"{name}: list file {list_path} not found. {self.layout_hint}")
-        if depth_scale is not None and not depth_scale > 0:
-            raise ConfigError(f"{name}: depth_scale must be positive or None, got {depth_scale!r}")
         self.root = root
         self.list_path = list_path
         self.depth_scale = depth_scale
@@ -270,8 +284,9 @@ class NYUDv2(RGBDListDataset):
                    "folders rgb/, masks/, depth/.")
     split_files = {"train": "train.txt", "val": "val.txt", "test": "val.txt"}
 
-    def __init__(self, root, split="train", num_classes=40, ignore_index=255, modalities=("rgb", "depth"),
-                 transforms=None, aug_seed=None, depth_scale=None):
+    def __init__(self, root, split="train", num_classes=40, ignore_index=255,
+                 modalities: Union[str, Tuple[str, ...]] = ("rgb", "depth"), transforms=None, aug_seed=None,
+                 depth_scale=None):
         if split not in self.split_files:
             raise ConfigError(f"NYUDv2: split must be one of {list(self.split_files)}, got {split!r}")
         self.split = split
@@ -292,8 +307,9 @@ class SUNRGBD(RGBDListDataset):
                    "and folders RGB/, Depth/, labels/.")
     split_files = {"train": "train.txt", "test": "test.txt", "val": "test.txt"}
 
-    def __init__(self, root, split="train", num_classes=37, ignore_index=255, modalities=("rgb", "depth"),
-                 transforms=None, aug_seed=None, depth_scale=None):
+    def __init__(self, root, split="train", num_classes=37, ignore_index=255,
+                 modalities: Union[str, Tuple[str, ...]] = ("rgb", "depth"), transforms=None, aug_seed=None,
+                 depth_scale=None):
         if split not in self.split_files:
             raise ConfigError(f"SUNRGBD: split must be one of {list(self.split_files)}, got {split!r}")
         self.split = split

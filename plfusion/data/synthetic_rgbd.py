@@ -30,6 +30,7 @@ Depth is returned as HxWx1 float32 metres / 10, i.e. in [0, 1] like the 8/16-bit
 import colorsys
 import logging
 import os
+from typing import Tuple, Union
 
 import cv2
 import numpy as np
@@ -99,7 +100,8 @@ class SyntheticRGBD(SegmentationDataset):
     """
 
     def __init__(self, num_samples=200, image_size=(120, 160), num_classes=6, split="train", seed=0,
-                 ignore_index=255, modalities=("rgb", "depth"), transforms=None, aug_seed=None):
+                 ignore_index=255, modalities: Union[str, Tuple[str, ...]] = ("rgb", "depth"), transforms=None,
+                 aug_seed=None):
         if num_classes != len(SYNTHETIC_CLASSES):
             raise ConfigError(f"SyntheticRGBD: num_classes must be {len(SYNTHETIC_CLASSES)} "
                               f"({', '.join(SYNTHETIC_CLASSES)}), got {num_classes!r}")

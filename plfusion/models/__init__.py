@@ -2,7 +2,7 @@
 import copy
 import logging
 
-from ..registry import BACKBONES, HEADS, MODELS, PATCHES, ConfigError, check_kwargs, did_you_mean
+from ..registry import BACKBONES, HEADS, MODELS, PATCHES, ConfigError, add_context, check_kwargs, did_you_mean
 from . import vision_transformer  # noqa: F401  (registers ViT / DeiT)
 from . import t2t_vit  # noqa: F401  (registers T2T-ViT)
 from . import mix_transformer  # noqa: F401  (registers MiT)
@@ -24,12 +24,27 @@ def _split_pretrained(cfg):
     return cfg, cfg.pop("pretrained", None)
 
 
+def _load_configured(model, pretrained, where):
+    """`pretrained: path` from a config: load it, naming the key in any error."""
+    if pretrained is None or pretrained is False or pretrained == "":
+        return
+    if not isinstance(pretrained, str):
+        raise ConfigError(f"{where}: expected the path of a checkpoint file, got {pretrained!r} "
+                          f"(plfusion never downloads weights)")
+    try:
+        model.load_pretrained(pretrained)
+    except (ValueError, TypeError, OSError) as e:
+        raise add_context(e, where)
+
+
 def build_backbone(cfg):
     """Backbone from `model.architecture` ({name: ..., **kwargs}); `pretrained: path` loads weights."""
     cfg, pretrained = _split_pretrained(cfg)
+    if cfg.get("name") in BACKBONES:   # unknown keys, with `pretrained` among the suggestions
+        check_kwargs(BACKBONES.get(cfg["name"]), {k: v for k, v in cfg.items() if k != "name"},
+                     "model.architecture", also=("pretrained",))
     model = BACKBONES.build(cfg, where="model.architecture")
-    if pretrained:
-        model.load_pretrained(pretrained)
+    _load_configured(model, pretrained, "model.architecture.pretrained")
     return model
 
 
@@ -52,7 +67,10 @@ def apply_patches(model, patches, where="model.patches"):
         except KeyError as e:
             raise ConfigError(f"{where}[{i}].name: {e.args[0]}") from None
         check_kwargs(fn, p, f"{where}[{i}]")
-        fn(model, **p)
+        try:
+            fn(model, **p)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise add_context(e, f"{where}[{i}] ({name})")
     return model
 
 
@@ -63,15 +81,19 @@ def build_model(cfg):
     `architecture.pretrained` loads backbone weights before patches, `patches` are applied in
     order, then `pretrained` loads whole-model weights.
     """
+    if not hasattr(cfg, "items"):
+        raise ConfigError(f"model: expected a mapping with 'architecture' (and 'name', 'head', ...), got {cfg!r}")
     cfg = dict(copy.deepcopy(cfg))
     patches = cfg.pop("patches", None)
     pretrained = cfg.pop("pretrained", None)
     if "name" not in cfg:
         cfg["name"] = "Classifier"
+    if cfg["name"] in MODELS:   # unknown keys, with `patches` and `pretrained` among the suggestions
+        check_kwargs(MODELS.get(cfg["name"]), {k: v for k, v in cfg.items() if k != "name"}, "model",
+                     also=("patches", "pretrained"))
     model = MODELS.build(cfg, where="model")
     apply_patches(model, patches)
-    if pretrained:
-        model.load_pretrained(pretrained)
+    _load_configured(model, pretrained, "model.pretrained")
     return model
 
 

@@ -3,7 +3,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..registry import HEADS
+from ..registry import HEADS, PositiveInt, PositiveInts, Rate
 from .layers import trunc_normal_, zeros_
 
 __all__ = ["LinearClsHead", "SegFormerHead"]
@@ -13,7 +13,7 @@ __all__ = ["LinearClsHead", "SegFormerHead"]
 class LinearClsHead(nn.Layer):
     """Dropout + Linear on pooled features [B, C] -> logits [B, num_classes]."""
 
-    def __init__(self, in_channels, num_classes=1000, dropout=0.0):
+    def __init__(self, in_channels: PositiveInt, num_classes: PositiveInt = 1000, dropout: Rate = 0.0):
         super().__init__()
         if in_channels <= 0 or num_classes <= 0:
             raise ValueError(f"LinearClsHead: in_channels and num_classes must be positive, "
@@ -68,7 +68,8 @@ class SegFormerHead(nn.Layer):
     (1x1 conv + BN + ReLU), dropped out channel-wise and classified by `linear_pred` (1x1 conv).
     Names follow the official SegFormer / TokenFusion / GeminiFusion head."""
 
-    def __init__(self, in_channels, num_classes, embed_dim=256, dropout=0.1, align_corners=False):
+    def __init__(self, in_channels: PositiveInts, num_classes: PositiveInt, embed_dim: PositiveInt = 256,
+                 dropout: Rate = 0.1, align_corners=False):
         super().__init__()
         if not isinstance(in_channels, (list, tuple)) or not in_channels or any(
                 not isinstance(c, int) or c <= 0 for c in in_channels):

@@ -1,10 +1,12 @@
 """Pieces shared by every transformer in plfusion: MLP, DropPath, PatchEmbed, Attention, Block."""
+import numbers
+
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-__all__ = ["DropPath", "Mlp", "PatchEmbed", "Attention", "Block", "LayerNorm",
-           "trunc_normal_", "zeros_", "ones_", "init_transformer_weights", "to_2tuple", "check_input", "drop_path_rates"]
+__all__ = ["DropPath", "Mlp", "PatchEmbed", "Attention", "Block", "LayerNorm", "trunc_normal_", "zeros_", "ones_",
+           "init_transformer_weights", "to_2tuple", "check_input", "drop_path_rates", "stage_indices"]
 
 trunc_normal_ = nn.initializer.TruncatedNormal(std=0.02)
 zeros_ = nn.initializer.Constant(0.0)
@@ -33,12 +35,26 @@ def init_transformer_weights(layer):
             zeros_(layer.bias)
 
 
+def stage_indices(value, num_stages, model):
+    """`out_indices` as a tuple of distinct stage indices in [0, num_stages); one int is one stage."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    ok = all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < num_stages for i in items)
+    if not items or not ok or len(set(items)) != len(items):
+        raise ValueError(f"{model}: out_indices {items!r} must be distinct stage indices in [0, {num_stages})")
+    return tuple(int(i) for i in items)
+
+
 def check_input(x, in_chans, divisor=None, img_size=None, model="model"):
     """Raise a clear error for a wrong channel count or an unsupported image size.
 
     Runs only in dygraph: under to_static the shapes were checked when tracing."""
+    if isinstance(x, (list, tuple)):
+        raise TypeError(f"{model}: expected one NCHW image batch, got a {type(x).__name__} of {len(x)}; a list of "
+                        f"modalities needs a fusion patch (model.patches: [{{name: geminifusion}}] or tokenfusion)")
     if not paddle.in_dynamic_mode():
         return
+    if not isinstance(x, paddle.Tensor):
+        raise TypeError(f"{model}: expected a paddle.Tensor NCHW image batch, got {type(x).__name__}")
     if x.ndim != 4:
         raise ValueError(f"{model}: expected a 4-D NCHW image batch, got shape {list(x.shape)}")
     c, h, w = x.shape[1:]
@@ -46,7 +62,7 @@ def check_input(x, in_chans, divisor=None, img_size=None, model="model"):
         raise ValueError(f"{model}: expected {in_chans} input channels, got {c} (input shape {list(x.shape)})")
     if img_size is not None and (h, w) != tuple(img_size):
         raise ValueError(f"{model}: built for {img_size[0]}x{img_size[1]} images, got {h}x{w}. Build it with "
-                         f"img_size=({h}, {w}); load_pretrained() resizes position embeddings to match.")
+                         f"img_size=({h}, {w}); load_pretrained() adapts a checkpoint's position tables to it.")
     if divisor is not None:
         dh, dw = to_2tuple(divisor)
         if h % dh or w % dw:
@@ -91,10 +107,13 @@ class PatchEmbed(nn.Layer):
     """Image to patch tokens with a strided conv: [B,C,H,W] -> [B, N, D] (or NCHW if flatten=False)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, norm_layer=None,
-                 flatten=True, strict_img_size=True):
+                 flatten=True, strict_img_size=True, owner="PatchEmbed"):
         super().__init__()
         self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
+        self.owner = owner  # the model named in input errors
+        if strict_img_size and (self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]):
+            raise ValueError(f"{owner}: img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.in_chans = in_chans
@@ -105,7 +124,7 @@ class PatchEmbed(nn.Layer):
 
     def forward(self, x):
         check_input(x, self.in_chans, self.patch_size, self.img_size if self.strict_img_size else None,
-                    model=type(self).__name__)
+                    model=self.owner)
         x = self.proj(x)
         if self.flatten:
             x = x.flatten(2).transpose([0, 2, 1])

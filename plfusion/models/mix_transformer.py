@@ -15,8 +15,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..registry import BACKBONES
-from .layers import DropPath, LayerNorm, check_input, drop_path_rates, trunc_normal_, zeros_
+from ..registry import BACKBONES, NonNegativeInt, PositiveFloats, PositiveInt, PositiveInts, Rate
+from .layers import DropPath, LayerNorm, check_input, drop_path_rates, stage_indices, trunc_normal_, zeros_
 from .pretrained import PretrainedMixin
 
 __all__ = ["MixVisionTransformer", "OverlapPatchEmbed", "EfficientAttention", "MixFFN", "DWConv", "MiTBlock",
@@ -213,16 +213,17 @@ class MixVisionTransformer(PretrainedMixin, nn.Layer):
     patch_embed -> blocks(x, H, W) -> norm -> map; stage_layers(i) returns its three parts.
     """
 
-    def __init__(self, in_chans=3, num_classes=0, embed_dims=(64, 128, 256, 512), num_heads=(1, 2, 4, 8),
-                 mlp_ratios=(4, 4, 4, 4), qkv_bias=True, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
-                 drop_path_rate=0.1, depths=(3, 4, 6, 3), sr_ratios=(8, 4, 2, 1), out_indices=(0, 1, 2, 3)):
+    def __init__(self, in_chans: PositiveInt = 3, num_classes: NonNegativeInt = 0,
+                 embed_dims: PositiveInts = (64, 128, 256, 512), num_heads: PositiveInts = (1, 2, 4, 8),
+                 mlp_ratios: PositiveFloats = (4, 4, 4, 4), qkv_bias=True, qk_scale=None, drop_rate: Rate = 0.0,
+                 attn_drop_rate: Rate = 0.0, drop_path_rate: Rate = 0.1, depths: PositiveInts = (3, 4, 6, 3),
+                 sr_ratios: PositiveInts = (8, 4, 2, 1), out_indices=(0, 1, 2, 3)):
         super().__init__()
         embed_dims, num_heads = _stage_list(embed_dims, "embed_dims"), _stage_list(num_heads, "num_heads")
         mlp_ratios, depths = _stage_list(mlp_ratios, "mlp_ratios"), _stage_list(depths, "depths")
         sr_ratios = _stage_list(sr_ratios, "sr_ratios")
-        out_indices = list(out_indices)
-        valid = all(i in range(NUM_STAGES) for i in out_indices) and out_indices == sorted(set(out_indices))
-        if not out_indices or not valid:
+        out_indices = list(stage_indices(out_indices, NUM_STAGES, "MixVisionTransformer"))
+        if out_indices != sorted(out_indices):
             raise ValueError(f"MixVisionTransformer: out_indices must be increasing stage indices in 0..3, "
                              f"got {out_indices}")
         if num_classes > 0 and out_indices[-1] != NUM_STAGES - 1:

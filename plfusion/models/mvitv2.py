@@ -18,9 +18,9 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..registry import BACKBONES
+from ..registry import BACKBONES, ImageSize, NonNegativeInt, PositiveFloat, PositiveInt, PositiveInts, Rate
 from .layers import DropPath, LayerNorm, Mlp, check_input, drop_path_rates, init_transformer_weights, \
-    to_2tuple, trunc_normal_
+    stage_indices, to_2tuple, trunc_normal_
 from .pretrained import PretrainedMixin
 
 
@@ -225,10 +225,11 @@ class MultiScaleVit(PretrainedMixin, nn.Layer):
     for it (load_pretrained resizes them to a new img_size).
     """
 
-    def __init__(self, img_size=224, in_chans=3, num_classes=1000, embed_dim=96, depths=(2, 3, 16, 3),
-                 num_heads=1, mlp_ratio=4.0, qkv_bias=True, expand_attn=True, kernel_qkv=(3, 3),
-                 stride_kv_adaptive=4, residual_pooling=True, drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-6,
-                 out_indices=None):
+    def __init__(self, img_size: ImageSize = 224, in_chans: PositiveInt = 3, num_classes: NonNegativeInt = 1000,
+                 embed_dim: PositiveInt = 96, depths: PositiveInts = (2, 3, 16, 3), num_heads: PositiveInt = 1,
+                 mlp_ratio: PositiveFloat = 4.0, qkv_bias=True, expand_attn=True, kernel_qkv: ImageSize = (3, 3),
+                 stride_kv_adaptive: PositiveInt = 4, residual_pooling=True, drop_rate: Rate = 0.0,
+                 drop_path_rate: Rate = 0.0, norm_eps: PositiveFloat = 1e-6, out_indices=None):
         super().__init__()
         self.img_size = to_2tuple(img_size)
         if self.img_size[0] % 32 or self.img_size[1] % 32:
@@ -237,10 +238,7 @@ class MultiScaleVit(PretrainedMixin, nn.Layer):
         self.depths = tuple(depths)
         n = len(self.depths)
         if out_indices is not None:
-            out_indices = tuple(int(i) for i in (out_indices if isinstance(out_indices, (list, tuple))
-                                                 else [out_indices]))
-            if not out_indices or any(not 0 <= i < n for i in out_indices) or len(set(out_indices)) != len(out_indices):
-                raise ValueError(f"MultiScaleVit: out_indices {out_indices} must be distinct stage indices in [0, {n})")
+            out_indices = stage_indices(out_indices, n, "MultiScaleVit")
             if num_classes:
                 raise ValueError(f"MultiScaleVit: out_indices {out_indices} returns feature maps, not logits; "
                                  f"pass num_classes=0 (got {num_classes})")

@@ -51,7 +51,11 @@ class LoadReport:
 def read_weights(path, key=None):
     """Read a checkpoint file into {name: ndarray} plus its layout ('paddle' or 'torch')."""
     from ..utils.checkpoint_io import read_state_dict
-    if not os.path.isfile(path):
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_pretrained: expected the path of a checkpoint file, got {path!r} "
+                        f"(plfusion never downloads weights)")
+    path = os.fspath(path)
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     sd = read_state_dict(path, key=key) if key else read_state_dict(path)
     layout = "paddle" if path.endswith((".pdparams", ".pdmodel.params")) else "torch"
@@ -106,18 +110,26 @@ def load_pretrained(model, path, key=None, layout="auto", strict=False, head_key
     (by file type: .pdparams is paddle, anything else torch). A `num_classes` mismatch drops the
     head weights with a log line; any other shape mismatch raises one CheckpointMismatchError.
     """
+    if layout not in ("auto", "paddle", "torch"):
+        raise ValueError(f"load_pretrained: layout must be 'auto', 'paddle' or 'torch', got {layout!r}")
     sd, detected = read_weights(path, key=key)
     layout = detected if layout == "auto" else layout
-    if layout not in ("paddle", "torch"):
-        raise ValueError(f"load_pretrained: layout must be 'auto', 'paddle' or 'torch', got {layout!r}")
+    path = os.fspath(path)
     return load_state_dict(model, sd, layout=layout, path=path, strict=strict, head_keys=head_keys)
 
 
 def load_state_dict(model, sd, layout="paddle", path="<state dict>", strict=False, head_keys=None):
-    """The part of load_pretrained after reading: rename, transpose, check, set."""
+    """The part of load_pretrained after reading: rename, transpose, check, set.
+
+    Every tensor is checked before any is set, so a failed load leaves the model as it was."""
     filt = getattr(model, "_checkpoint_filter", None)
     if filt is not None:
-        sd = filt(dict(sd), layout)
+        try:
+            sd = filt(dict(sd), layout)
+        except CheckpointMismatchError:
+            raise
+        except (ValueError, IndexError, TypeError) as e:   # the renaming met tensors of another model
+            raise CheckpointMismatchError(f"{path} does not fit {type(model).__name__}: {e}") from e
     report = LoadReport(path=path)
     report.resized = list(sd.pop("__resized__", []))
     own = model.state_dict()

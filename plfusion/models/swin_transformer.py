@@ -21,9 +21,9 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..registry import BACKBONES
+from ..registry import BACKBONES, ImageSize, NonNegativeInt, PositiveFloat, PositiveInt, PositiveInts, Rate
 from .layers import (DropPath, LayerNorm, Mlp, PatchEmbed, check_input, drop_path_rates,
-                     init_transformer_weights, to_2tuple, trunc_normal_)
+                     init_transformer_weights, stage_indices, to_2tuple, trunc_normal_)
 from .pretrained import PretrainedMixin, resize_rel_pos_table
 
 logger = logging.getLogger(__name__)
@@ -244,9 +244,11 @@ class SwinTransformer(PretrainedMixin, nn.Layer):
     mode a list of NCHW maps, one per `out_indices` entry.
     """
 
-    def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96,
-                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4.0, qkv_bias=True,
-                 qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-5,
+    def __init__(self, img_size: ImageSize = 224, patch_size: ImageSize = 4, in_chans: PositiveInt = 3,
+                 num_classes: NonNegativeInt = 1000, embed_dim: PositiveInt = 96, depths: PositiveInts = (2, 2, 6, 2),
+                 num_heads: PositiveInts = (3, 6, 12, 24), window_size: PositiveInt = 7,
+                 mlp_ratio: PositiveFloat = 4.0, qkv_bias=True, qk_scale=None, drop_rate: Rate = 0.0,
+                 attn_drop_rate: Rate = 0.0, drop_path_rate: Rate = 0.0, norm_eps: PositiveFloat = 1e-5,
                  patch_norm=True, out_indices=None):
         super().__init__()
         depths, num_heads = list(depths), list(num_heads)
@@ -255,11 +257,7 @@ class SwinTransformer(PretrainedMixin, nn.Layer):
         self.num_layers = len(depths)
         self.dense = out_indices is not None
         if self.dense:
-            out_indices = [int(i) for i in (out_indices if isinstance(out_indices, (list, tuple)) else [out_indices])]
-            bad = [i for i in out_indices if not 0 <= i < self.num_layers]
-            if bad or not out_indices or len(set(out_indices)) != len(out_indices):
-                raise ValueError(f"SwinTransformer: out_indices {out_indices} must be distinct stage indices in "
-                                 f"[0, {self.num_layers})")
+            out_indices = stage_indices(out_indices, self.num_layers, "SwinTransformer")
             if num_classes:
                 raise ValueError(f"SwinTransformer: out_indices {out_indices} makes a dense backbone without a "
                                  f"classifier; pass num_classes=0 (got {num_classes})")
@@ -275,7 +273,7 @@ class SwinTransformer(PretrainedMixin, nn.Layer):
 
         self.patch_embed = PatchEmbed(self.img_size, self.patch_size, in_chans, embed_dim,
                                       norm_layer=(lambda d: LayerNorm(d, norm_eps)) if patch_norm else None,
-                                      strict_img_size=not self.dense)
+                                      strict_img_size=not self.dense, owner="SwinTransformer")
         self.pos_drop = nn.Dropout(drop_rate)
 
         dpr = drop_path_rates(drop_path_rate, sum(depths))

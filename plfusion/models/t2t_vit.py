@@ -13,7 +13,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..registry import BACKBONES
+from ..registry import BACKBONES, ImageSize, NonNegativeInt, PositiveFloat, PositiveInt, Rate
 from .layers import LayerNorm, Mlp, check_input, init_transformer_weights, to_2tuple, trunc_normal_
 from .vision_transformer import VisionTransformer
 
@@ -190,9 +190,13 @@ class T2TViT(VisionTransformer):
     never trained.
     """
 
-    def __init__(self, img_size=224, tokens_type="performer", in_chans=3, num_classes=1000, embed_dim=768,
-                 depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop_rate=0.0,
-                 attn_drop_rate=0.0, drop_path_rate=0.0, token_dim=64):
+    _patch_embed_used = False
+
+    def __init__(self, img_size: ImageSize = 224, tokens_type="performer", in_chans: PositiveInt = 3,
+                 num_classes: NonNegativeInt = 1000, embed_dim: PositiveInt = 768, depth: PositiveInt = 12,
+                 num_heads: PositiveInt = 12, mlp_ratio: PositiveFloat = 4.0, qkv_bias=False, qk_scale=None,
+                 drop_rate: Rate = 0.0, attn_drop_rate: Rate = 0.0, drop_path_rate: Rate = 0.0,
+                 token_dim: PositiveInt = 64):
         # ViT builds the body, norm, head and pooling; its patch conv and learned table are replaced below.
         super().__init__(img_size=img_size, patch_size=16, in_chans=in_chans, num_classes=num_classes,
                          global_pool="token", embed_dim=embed_dim, depth=depth, num_heads=num_heads,

@@ -2,7 +2,7 @@
 import paddle
 import paddle.nn as nn
 
-from ..registry import BACKBONES
+from ..registry import BACKBONES, ImageSize, NonNegativeInt, PositiveFloat, PositiveInt, Rate
 from .layers import Block, LayerNorm, PatchEmbed, drop_path_rates, init_transformer_weights, trunc_normal_
 from .pretrained import PretrainedMixin, resize_pos_embed
 
@@ -16,10 +16,14 @@ class VisionTransformer(PretrainedMixin, nn.Layer):
     forward_head -> logits (or pooled features with pre_logits=True / num_classes=0).
     """
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
-                 embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, qk_scale=None,
-                 distilled=False, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-6,
-                 fc_norm=None, class_token=True):
+    # False in subclasses that replace the patch embedding (T2T-ViT): img_size need not tile into patches
+    _patch_embed_used = True
+
+    def __init__(self, img_size: ImageSize = 224, patch_size: ImageSize = 16, in_chans: PositiveInt = 3,
+                 num_classes: NonNegativeInt = 1000, global_pool="token", embed_dim: PositiveInt = 768,
+                 depth: PositiveInt = 12, num_heads: PositiveInt = 12, mlp_ratio: PositiveFloat = 4.0,
+                 qkv_bias=True, qk_scale=None, distilled=False, drop_rate: Rate = 0.0, attn_drop_rate: Rate = 0.0,
+                 drop_path_rate: Rate = 0.0, norm_eps: PositiveFloat = 1e-6, fc_norm=None, class_token=True):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"VisionTransformer: global_pool must be 'token' or 'avg', got {global_pool!r}")
@@ -34,7 +38,8 @@ class VisionTransformer(PretrainedMixin, nn.Layer):
         self.num_prefix_tokens = int(class_token) + int(distilled)
         self.in_chans = in_chans
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, owner=type(self).__name__,
+                                      strict_img_size=self._patch_embed_used)
         num_patches = self.patch_embed.num_patches
         self.cls_token = self.create_parameter([1, 1, embed_dim], default_initializer=nn.initializer.Normal(std=1e-6)) \
             if class_token else None

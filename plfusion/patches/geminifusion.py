@@ -33,7 +33,7 @@ from ..models.layers import trunc_normal_, zeros_
 from ..models.mix_transformer import EfficientAttention, MixVisionTransformer
 from ..models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from ..registry import PATCHES
-from .multimodal import OFFICIAL_EPS, MultimodalBackbone, make_multimodal, resolve_target, swap_class
+from .multimodal import OFFICIAL_EPS, MultimodalBackbone, NormEps, make_multimodal, resolve_target, swap_class
 
 __all__ = ["apply_patch", "PixelCrossAttention", "RelationJudger"]
 
@@ -191,14 +191,14 @@ def _swin_norm(name):
     return name == "patch_embed.norm" or re.fullmatch(r"norm\d+", name) is not None
 
 
-def apply_patch(model, num_modalities=2, num_heads=8, norm_eps=OFFICIAL_EPS):
+def apply_patch(model, num_modalities=2, num_heads=8, norm_eps: NormEps = OFFICIAL_EPS):
     """Make `model` (a MixVisionTransformer or dense SwinTransformer, or a Segmentor holding one) a
     GeminiFusion model in place, keeping its weights.
 
     num_heads: heads of the pixel-wise cross attention (8 in the paper).
     norm_eps: eps of the per-modality norms (1e-6 as the official LayerNormParallel; None keeps
     each original norm's eps)."""
-    if not isinstance(num_heads, int) or num_heads < 1:
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
         raise ValueError(f"geminifusion.apply_patch: num_heads must be a positive int, got {num_heads!r}")
     seg, backbone = resolve_target(model, "geminifusion", (MixVisionTransformer, SwinTransformer))
     is_swin = isinstance(backbone, SwinTransformer)

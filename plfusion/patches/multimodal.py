@@ -14,7 +14,10 @@ returns per-modality logits plus their ensemble. Both patches work in place and 
 weight the model already has (norm copies start from the original norm).
 """
 import logging
+import math
+import numbers
 import re
+from typing import Annotated, Optional
 
 import numpy as np
 import paddle
@@ -22,15 +25,24 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..models.segmentor import Segmentor
+from ..registry import Spec
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModalityLayerNorm", "MultimodalBackbone", "make_multimodal", "replace_layer_norms", "swap_class",
-           "split_modalities", "check_modalities", "resolve_target", "OFFICIAL_EPS"]
+           "split_modalities", "check_modalities", "resolve_target", "OFFICIAL_EPS", "NormEps"]
 
 # The official LayerNormParallel builds every per-modality norm with eps 1e-6, whatever the norm
 # it replaces used (MiT's patch-embed and attn.norm, Swin's norms: 1e-5).
 OFFICIAL_EPS = 1e-6
+
+
+def _valid_eps(v):
+    return v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0)
+
+
+# the patches' `norm_eps` argument, checked by the registry when a config applies a patch
+NormEps = Annotated[Optional[float], Spec("a positive number, or null to keep each norm's own eps", _valid_eps)]
 
 
 def _copy_(dst, src):
@@ -181,8 +193,10 @@ def resolve_target(model, patch, backbone_types):
                            f"({backbone.num_modalities} modalities); build a fresh model to patch it again")
     if not isinstance(backbone, backbone_types):
         names = " or ".join(t.__name__ for t in backbone_types)
+        inner = getattr(model, "backbone", None) if seg is None else backbone
         raise TypeError(f"{patch}.apply_patch: expected a {names} (or a Segmentor holding one), got "
-                        f"{type(model).__name__}" + (f" with a {type(backbone).__name__} backbone" if seg else ""))
+                        f"{type(model).__name__}" + (f" with a {type(inner).__name__} backbone" if inner is not None
+                                                     else ""))
     return seg, backbone
 
 
@@ -194,6 +208,8 @@ def make_multimodal(backbone, num_modalities, fusion, mixin, norm_select=None, n
     picks which LayerNorms become per-modality (all by default)."""
     if not isinstance(num_modalities, (int, np.integer)) or isinstance(num_modalities, bool) or num_modalities < 2:
         raise ValueError(f"{fusion}.apply_patch: num_modalities must be an int >= 2, got {num_modalities!r}")
+    if not _valid_eps(norm_eps):
+        raise ValueError(f"{fusion}.apply_patch: norm_eps must be a positive number or None, got {norm_eps!r}")
     num_modalities = int(num_modalities)
     replaced = replace_layer_norms(backbone, num_modalities, epsilon=norm_eps, select=norm_select)
     backbone._fusion_where = f"{type(backbone).__name__} ({fusion})"   # names the input errors

@@ -11,13 +11,15 @@ The model's `extra_losses()` returns the sparsity term lambda * sum |m| over eve
     from plfusion.patches import tokenfusion
     tokenfusion.apply_patch(segmentor, num_modalities=2, threshold=0.02, sparsity_weight=1e-6)
 """
+import numbers
+
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..models.mix_transformer import MiTBlock, MixVisionTransformer, init_mit_weights
 from ..registry import PATCHES
-from .multimodal import OFFICIAL_EPS, MultimodalBackbone, make_multimodal, resolve_target, swap_class
+from .multimodal import OFFICIAL_EPS, MultimodalBackbone, NormEps, make_multimodal, resolve_target, swap_class
 
 __all__ = ["apply_patch", "ScorePredictor", "exchange_tokens"]
 
@@ -99,17 +101,20 @@ class TokenFusionBackbone(MultimodalBackbone):
         return {"tokenfusion_sparsity": total * self._tf_sparsity_weight}
 
 
-def apply_patch(model, num_modalities=2, threshold=0.02, sparsity_weight=1e-6, norm_eps=OFFICIAL_EPS):
+def apply_patch(model, num_modalities=2, threshold=0.02, sparsity_weight=1e-6, norm_eps: NormEps = OFFICIAL_EPS):
     """Make `model` (a MixVisionTransformer, or a Segmentor holding one) a TokenFusion model in place.
 
     threshold: tokens with mask below it are exchanged (0.02 in the paper and code).
     sparsity_weight: lambda of the L1 term on the masks returned by `extra_losses()` (README: 1e-6).
     norm_eps: eps of the per-modality norms (1e-6 as the official LayerNormParallel; None keeps
     each original norm's eps)."""
-    if not 0.0 <= float(threshold) < 1.0:
-        raise ValueError(f"tokenfusion.apply_patch: threshold must be in [0, 1), got {threshold!r}")
-    if float(sparsity_weight) < 0:
-        raise ValueError(f"tokenfusion.apply_patch: sparsity_weight must be >= 0, got {sparsity_weight!r}")
+    def number(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    if not (number(threshold) and 0.0 <= threshold < 1.0):
+        raise ValueError(f"tokenfusion.apply_patch: threshold must be a number in [0, 1), got {threshold!r}")
+    if not (number(sparsity_weight) and sparsity_weight >= 0):
+        raise ValueError(f"tokenfusion.apply_patch: sparsity_weight must be a number >= 0, got {sparsity_weight!r}")
     seg, backbone = resolve_target(model, "tokenfusion", (MixVisionTransformer,))
     if backbone.num_classes:
         raise ValueError(f"tokenfusion.apply_patch: the MiT has a classifier (num_classes={backbone.num_classes}); "

@@ -41,7 +41,10 @@ def count_flops(model, inputs, per_image=True):
     per_image divides by the batch size.
     """
     x = _make_inputs(inputs)
-    first = x[0] if isinstance(x, (list, tuple)) else x
+    first = x[0] if isinstance(x, (list, tuple)) and x else x
+    if not isinstance(first, paddle.Tensor):
+        raise TypeError(f"count_flops: inputs must be a tensor, a list of tensors or a shape such as "
+                        f"(1, 3, 224, 224), got {inputs!r}")
     batch = first.shape[0]
     total = [0]
     hooks = []
