@@ -38,7 +38,7 @@ def test_tokenfusion_segmentor_trains_with_its_sparsity_term(tmp_path):
     groups = trainer.optimizer._inner_opt.param_summary if hasattr(trainer.optimizer, "_inner_opt") \
         else trainer.optimizer.param_summary
     assert groups["head.linear_pred.weight"] == (10.0, 0.01)             # decoder at 10x lr
-    assert groups["head.linear_fuse.bn.weight"] == (10.0, 0.0)           # BN found by type: no decay
+    assert groups["head.linear_fuse.bn.weight"] == (10.0, 0.01)          # as WeTr: the whole decoder decays
     norms = [n for n in groups if n.startswith("backbone.") and "norm" in n]
     assert norms and all(groups[n] == (1.0, 0.0) for n in norms)
     result = trainer.train()

@@ -292,3 +292,14 @@ def test_command_line_train_then_eval(tmp_path, capsys):
     assert results["weights"].endswith("iter_0000002") and results["metrics"]["samples"] == 12
     assert eval_main(["-c", path, "--resume", os.path.join(out_dir, "checkpoints", "nothing.pdparams")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_quickstart_config_runs(tmp_path, root_dir):
+    cfg = get_config(os.path.join(root_dir, "configs", "quickstart", "vit_tiny_synthetic.yaml"),
+                     [f"output_dir={tmp_path / 'qs'}", "dataloader.val.dataset.num_samples=40",
+                      "dataloader.train.loader.num_workers=0"])
+    trainer = Trainer(cfg)
+    assert trainer.iters_per_epoch == 125 and trainer.total_steps == 375
+    out = trainer.train(max_steps=2)
+    assert out["global_step"] == 2 and out["metrics"]["samples"] == 40 and "top1" in out["metrics"]
+    assert os.path.isfile(os.path.join(cfg.output_dir, "checkpoints", "iter_0000002.pdparams"))
