@@ -290,6 +290,10 @@ def test_command_line_train_then_eval(tmp_path, capsys):
     assert eval_main(["-c", path, "--resume", out_dir]) == 0
     results = json.load(open(os.path.join(out_dir, "eval_results.json")))
     assert results["weights"].endswith("iter_0000002") and results["metrics"]["samples"] == 12
+    weights = os.path.join(out_dir, "checkpoints", "iter_0000002.pdparams")
+    assert eval_main(["-c", path, "--pretrained", weights]) == 0
+    by_weights = json.load(open(os.path.join(out_dir, "eval_results.json")))
+    assert by_weights["weights"] == weights and by_weights["metrics"] == results["metrics"]
     assert eval_main(["-c", path, "--resume", os.path.join(out_dir, "checkpoints", "nothing.pdparams")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
 
