@@ -188,3 +188,19 @@ def test_classifier_takes_the_head_of_timm_swin_and_official_mvit(tmp_path):
         clf.eval()
         x = paddle.randn([2, 3, 64, 64])
         np.testing.assert_allclose(clf(x).numpy(), src(x).numpy(), atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("suffix,writer", [(".pth", "zip"), (".pth.tar", "legacy"), (".pyth", "zip")])
+def test_torch_written_checkpoint_loads_without_torch(tmp_path, suffix, writer):
+    """A timm-style checkpoint written byte for byte as torch.save writes it (nested, module.)."""
+    from test_checkpoint_io import fake_torch, make_tensor, save_legacy, save_zip
+    src = tiny()
+    sd = torch_layout(src)
+    path = str(tmp_path / f"w{suffix}")
+    with fake_torch():
+        obj = {"model": {f"module.{k}": make_tensor(v) for k, v in sd.items()}, "epoch": 299}
+        (save_zip if writer == "zip" else save_legacy)(obj, path)
+    dst = tiny()
+    rep = dst.load_pretrained(path)
+    assert not rep.missing and not rep.unexpected
+    same_outputs(src, dst, paddle.randn([2, 3, 32, 32]))
