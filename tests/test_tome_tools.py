@@ -74,8 +74,8 @@ def test_export_from_config_and_mismatch_is_an_error(tmp_path):
 def test_benchmark_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = bench_tool.main(["--model", "vit_tiny_patch16_224", "--img-size", "64", "--tome-r", "2", "2,-1",
-                              "--batch-size", "2", "--threads", "1", "--iters", "1", "--warmup", "0",
-                              "--json", str(out)])
+                              "--engine", "dygraph", "--batch-size", "2", "--threads", "1", "--iters", "1",
+                              "--warmup", "0", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "batch 2 | threads 1" in printed and "input 3x64x64" in printed and "images/s" in printed
     saved = json.loads(out.read_text())

@@ -273,6 +273,7 @@ class MixVisionTransformer(PretrainedMixin, nn.Layer):
             grids.append((H, W))
         return grids
 
+    @paddle.jit.not_to_static   # shape checks run in dygraph only; to_static cannot convert the loop's targets
     def check_size(self, x):
         """Channel count, and every reduced attention grid must keep at least one token."""
         check_input(x, self.in_chans, model="MixVisionTransformer")

@@ -160,7 +160,8 @@ class MultimodalBackbone:
 
     def forward(self, xs):
         check_modalities(xs, self.num_modalities, self.in_chans, where=self._fusion_where)
-        feats = super().forward(paddle.concat(list(xs), axis=0))
+        # two-argument super: to_static's code transform breaks the zero-argument form
+        feats = super(MultimodalBackbone, self).forward(paddle.concat(list(xs), axis=0))
         per = [split_modalities(f, self.num_modalities) for f in feats]
         return [[p[m] for p in per] for m in range(self.num_modalities)]
 

@@ -74,7 +74,7 @@ class TokenFusionBackbone(MultimodalBackbone):
 
     def forward(self, xs):
         self._token_masks = []
-        return super().forward(xs)
+        return super(TokenFusionBackbone, self).forward(xs)   # two-argument form: to_static breaks super()
 
     def forward_stage(self, i, x):
         patch_embed, blocks, norm = self.stage_layers(i)

@@ -2,39 +2,19 @@
 
 Settings are compared side by side in one process: every timed round runs each setting once, in
 a rotating order, so a noisy shared machine slows all settings alike; results are medians.
-Paddle's CPU kernels use one thread unless told otherwise, so the thread count is set explicitly.
+Paddle's CPU kernels use one thread unless told otherwise, so the thread count is set explicitly
+(`set_cpu_threads` lives in plfusion.utils.cpu with the other CPU settings; it is re-exported here).
 """
-import os
+import math
 import resource
 import statistics
 import sys
 import time
 
+from .cpu import available_cpus, set_cpu_threads
+
 __all__ = ["set_cpu_threads", "available_cpus", "measure_throughput", "compare_throughput", "peak_memory",
-           "current_rss_mb", "format_table", "print_table"]
-
-
-def available_cpus():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def set_cpu_threads(n):
-    """Use n intra-op CPU threads for paddle's kernels; returns n.
-
-    Paddle's import sets OMP_NUM_THREADS=1 when it is unset, so CPU dygraph runs on one thread by
-    default. paddle.base.core.set_num_threads (MKL + OpenMP) changes that at run time; the
-    environment variables are set too, for child processes.
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"threads must be a positive int, got {n!r}")
-    import paddle
-    paddle.base.core.set_num_threads(n)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(n)
-    return n
+           "current_rss_mb", "latency_percentiles", "format_table", "print_table"]
 
 
 def _timed(fn):
@@ -74,6 +54,21 @@ def compare_throughput(fns, batch, iters=10, warmup=2, baseline=None):
 def measure_throughput(fn, batch, iters=10, warmup=2):
     """Images/s of `fn` (one call = one batch of `batch` images): median over `iters` timed calls."""
     return compare_throughput({"fn": fn}, batch, iters, warmup)["fn"]
+
+
+def latency_percentiles(times, percents=(50, 90, 99)):
+    """{"p50": seconds, ...} of per-batch times, linear interpolation between order statistics."""
+    if not times:
+        raise ValueError("latency_percentiles: no times given")
+    ordered = sorted(times)
+    out = {}
+    for p in percents:
+        if not 0 <= p <= 100:
+            raise ValueError(f"latency_percentiles: percent must be in [0, 100], got {p}")
+        pos = (len(ordered) - 1) * p / 100.0
+        lo, hi = math.floor(pos), math.ceil(pos)
+        out[f"p{p:g}"] = ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    return out
 
 
 def _status_kb(field):
