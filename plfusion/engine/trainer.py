@@ -15,6 +15,7 @@ Engine config sections (besides model / dataloader / loss / optimizer / lr_sched
             best_metric: null, topk: [1, 5]}
     mixup: {mixup_alpha: 0.8, cutmix_alpha: 1.0, ...}   # optional, classification only
     teacher: {name: Classifier, ...}                     # optional model section, for DistillationLoss
+    eval: {save_predictions: 0}  # segmentation: pictures of the first N val samples after the final evaluation
 
 `eval_interval` and `save_interval` count epochs in an `epochs` run and updates in an `iters`
 run; 0 means only at the end. `best_metric` defaults to top1 (classification) or miou
@@ -60,7 +61,8 @@ from .logger import ScalarWriter, StepTimer, setup_logging
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer, clip_grad_norm
 
-__all__ = ["Trainer", "TrainingDiverged", "OutputDirInUse", "extra_losses", "validate_engine_config"]
+__all__ = ["Trainer", "TrainingDiverged", "OutputDirInUse", "extra_losses", "validate_engine_config",
+           "validate_eval_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +73,8 @@ TRAIN_DEFAULTS = {"accum_steps": 1, "log_interval": 10, "eval_interval": 1, "sav
                   "best_metric": None, "topk": [1, 5]}
 BEST_METRICS = ("top1", "top5", "miou", "pixel_acc", "mean_acc")
 # Sections nothing in the engine reads: worth a warning, since settings there have no effect.
-UNUSED_HERE = ("eval", "log", "checkpoint", "metric", "distributed")
+UNUSED_HERE = ("log", "checkpoint", "metric", "distributed")
+EVAL_KEYS = ("save_predictions",)
 
 
 class TrainingDiverged(RuntimeError):
@@ -155,6 +158,13 @@ def validate_engine_config(cfg):
             raise ConfigError(f"'{key}' section is missing; training needs model, dataloader, loss, optimizer "
                               f"and lr_scheduler")
     return train, amp, ema
+
+
+def validate_eval_options(cfg):
+    """The `eval` section with defaults: {save_predictions: N pictures (rank 0, segmentation)}."""
+    opts = dict({"save_predictions": 0}, **_section(cfg, "eval", EVAL_KEYS))
+    opts["save_predictions"] = _int(opts["save_predictions"], "eval.save_predictions", 0)
+    return opts
 
 
 # ------------------------------------------------------------------ helpers
@@ -242,6 +252,7 @@ class Trainer:
         self.mode = mode
         self.train_opts, amp_cfg, self.ema_cfg = validate_engine_config(cfg) if mode == "train" else \
             self._eval_options(cfg)
+        self.eval_opts = validate_eval_options(cfg)
         self.rank, self.world_size = D.init_distributed()
         self.is_main = D.is_main_process()
         self.output_dir = cfg.get("output_dir", "output")
@@ -604,6 +615,8 @@ class Trainer:
                        and k != "samples"}
             writer.add_scalars(scalars, self.global_step)
             self._update_best()
+            if final:
+                self._save_predictions()
         if self._due(opts["save_interval"], epoch_end, final):
             self._save(final=final, epoch_end=epoch_end)
 
@@ -690,5 +703,21 @@ class Trainer:
             dump_config(self.cfg, os.path.join(self.output_dir, "eval_config.yaml"))
             atomic_write_text(json.dumps({"weights": source, "metrics": _jsonable(metrics)}, indent=1),
                               os.path.join(self.output_dir, "eval_results.json"))
+        self.last_metrics = metrics
+        self._save_predictions()
         return metrics
+
+    def _save_predictions(self):
+        """Rank 0 writes `eval.save_predictions` pictures of val samples to <output_dir>/predictions."""
+        count = self.eval_opts["save_predictions"]
+        if not count or not self.is_main:
+            return []
+        if "miou" not in (getattr(self, "last_metrics", None) or {}):
+            logger.warning("eval.save_predictions: prediction pictures are for segmentation; this run evaluates "
+                           "classification, so none are written")
+            return []
+        from .predictions import PREDICTIONS_DIR, save_predictions
+        return save_predictions(D.unwrap_model(self.model), self.val_loader, count,
+                                os.path.join(self.output_dir, PREDICTIONS_DIR),
+                                amp=(self.amp_level, self.amp_dtype) if self.amp_enabled else None)
 
