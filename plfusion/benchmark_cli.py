@@ -90,7 +90,7 @@ def main(argv=None):
     cpu = configure_cpu(args.threads)   # first: MKL reads its kernel choice at its first call
     import numpy as np
     import paddle
-    from .export import build_model_from_args, deploy_info, export_model
+    from .export import build_model_from_args, export_model, input_layout, input_specs
     from .inference import create_paddle_predictor, run_paddle_predictor
     from .patches import tome
     from .utils.benchmark import available_cpus, compare_throughput, latency_percentiles, peak_memory, print_table
@@ -107,8 +107,8 @@ def main(argv=None):
         if not tome.is_patched(model):
             tome.apply_patch(model)
         r_values = list(parsed)
-    info = deploy_info(model, cfg, args.img_size)
-    shapes = [[args.batch_size] + i["shape"][1:] for i in info["inputs"]]
+    _, _, size, names = input_layout(model, cfg, args.img_size)
+    shapes = [[args.batch_size] + list(s.shape[1:]) for s in input_specs(model, size, names)]
     h, w = shapes[0][2:]
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -180,7 +180,7 @@ def main(argv=None):
     print(f"speed-up: over `{base}`, median of per-round time ratios; load average after {load_after[0]:.2f}")
     result = {"model": args.model, "config": args.config, "engines": args.engine, "batch_size": args.batch_size,
               "threads": cpu["threads"], "mkl_avx2": cpu["mkl_avx2"], "cpu_vendor": cpu["vendor"],
-              "img_size": [h, w], "inputs": [i["name"] for i in info["inputs"]], "iters": args.iters,
+              "img_size": [h, w], "inputs": names, "iters": args.iters,
               "warmup": args.warmup, "paddle": paddle.__version__, "python": platform.python_version(),
               "cpus_available": available_cpus(), "load_average": [load_before[0], load_after[0]],
               "results": list(rows.values()), "times_s": {label: timing[label]["times"] for label in fns}}

@@ -28,8 +28,8 @@ from .inference import (DEPLOY_FILE, DEPLOY_FORMAT, DEPLOY_VERSION, PREFIX, crea
 from .registry import ConfigError
 
 __all__ = ["ExportMismatchError", "export_model", "save_model", "verify_export", "deploy_info", "input_specs",
-           "model_kind", "image_size", "inference_transforms", "build_model_from_args", "load_weights",
-           "add_model_args", "parse_img_size", "parse_args", "main", "CHECK_ENGINES"]
+           "model_kind", "image_size", "input_layout", "inference_transforms", "build_model_from_args",
+           "load_weights", "add_model_args", "parse_img_size", "parse_args", "main", "CHECK_ENGINES"]
 
 logger = logging.getLogger(__name__)
 
@@ -221,23 +221,30 @@ def _modalities(model, kind, dataset_cfg):
     return given
 
 
+def input_layout(model, cfg=None, img_size=None):
+    """(model kind, val dataset config or None, input (H, W), input names) of `model` built from `cfg`.
+
+    The size is `img_size`, else (segmentors) the val pipeline's Resize, else the model's own."""
+    kind = model_kind(model)
+    dataset_cfg = _section(cfg, "dataloader", "val", "dataset") if cfg is not None else None
+    transforms = dataset_cfg.get("transforms") if dataset_cfg is not None else None
+    if img_size is None and kind != "classifier" and transforms:
+        for spec in transforms:
+            if hasattr(spec, "get") and spec.get("name") == "Resize":
+                from .data.seg_transforms import Resize
+                img_size = Resize(**{k: v for k, v in spec.items() if k != "name"}).size
+    return kind, dataset_cfg, image_size(model, img_size), _modalities(model, kind, dataset_cfg)
+
+
 def deploy_info(model, cfg=None, img_size=None, output_shapes=None):
     """What a Predictor needs to serve `model` (built from `cfg`, if given) at `img_size`:
     task, inputs, outputs, the val pre-processing, num_classes, class names, palette.
 
     output_shapes (from a dygraph run) name and check the outputs; without them they are derived
     from the model. The export adds the check results and writes this dict as deploy.yaml."""
-    kind = model_kind(model)
-    dataset_cfg = _section(cfg, "dataloader", "val", "dataset") if cfg is not None else None
+    kind, dataset_cfg, size, modalities = input_layout(model, cfg, img_size)
     transforms = dataset_cfg.get("transforms") if dataset_cfg is not None else None
     seg = kind != "classifier"
-    if img_size is None and seg and transforms:
-        for spec in transforms:
-            if hasattr(spec, "get") and spec.get("name") == "Resize":
-                from .data.seg_transforms import Resize
-                img_size = Resize(**{k: v for k, v in spec.items() if k != "name"}).size
-    size = image_size(model, img_size)
-    modalities = _modalities(model, kind, dataset_cfg)
     num_classes = _num_classes(model)
     if output_shapes is not None:
         pred_shape = output_shapes[-1] if seg else output_shapes[0]
@@ -254,6 +261,9 @@ def deploy_info(model, cfg=None, img_size=None, output_shapes=None):
         outputs = [f"output_{i}" for i in range(len(output_shapes or [None]))]
     else:
         outputs = ["logits"]
+    if dataset_cfg is None and task == "classification":
+        # no config: timm's eval transform (short side to size / 0.875, centre crop, ImageNet stats)
+        transforms = [{"name": "ResizeCenterCrop", "size": list(size)}, {"name": "Normalize"}, {"name": "ToCHW"}]
     c = _in_chans(model)
     info = {
         "format": DEPLOY_FORMAT, "version": DEPLOY_VERSION, "task": task,
@@ -383,9 +393,7 @@ def export_model(model, out_dir, cfg=None, img_size=None, check_batch=2, atol=1e
     if isinstance(check_batch, bool) or not isinstance(check_batch, int) or check_batch < 1:
         raise ValueError(f"export: check_batch must be a positive int, got {check_batch!r}")
     model.eval()
-    info = deploy_info(model, cfg, img_size)
-    names = [i["name"] for i in info["inputs"]]
-    size = info["inputs"][0]["shape"][2:]
+    _, _, size, names = input_layout(model, cfg, img_size)
     specs = input_specs(model, size, names)
     rng = np.random.default_rng(seed)
     arrays = [rng.standard_normal([check_batch] + list(s.shape[1:])).astype(np.float32) for s in specs]

@@ -27,8 +27,8 @@ import yaml
 from .utils.cpu import available_cpus, configure_cpu
 
 __all__ = ["Predictor", "DygraphPredictor", "load_deploy", "Preprocess", "upsample_argmax", "softmax_topk",
-           "create_paddle_predictor", "run_paddle_predictor", "flatten_outputs", "program_ops", "tensorrt_available", "DeployError",
-           "DEPLOY_FILE", "PREFIX", "DEPLOY_FORMAT", "TASKS"]
+           "create_paddle_predictor", "run_paddle_predictor", "flatten_outputs", "program_ops", "tensorrt_available",
+           "DeployError", "DEPLOY_FILE", "PREFIX", "DEPLOY_FORMAT", "DEPLOY_VERSION", "TASKS"]
 
 logger = logging.getLogger(__name__)
 

@@ -193,3 +193,16 @@ def test_benchmark_measures_the_exported_model_side_by_side(tmp_path, capsys):
     assert rows["inference r=2"]["tokens"] == rows["dygraph r=2"]["tokens"] == tome.token_counts(17, [2] * 12)[-1]
     assert rows["inference r=2"]["gflops"] < rows["inference r=0"]["gflops"]
     assert result["threads"] == 1 and result["engines"] == ["dygraph", "inference"]
+
+
+def test_console_script_fails_with_the_reason_and_writes_no_deploy_file(tmp_path, capsys):
+    from plfusion.cli import export_main
+    out = tmp_path / "strict"
+    # oneDNN sums in another order than dygraph: with zero tolerance the inference-engine check must fail
+    status = export_main(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--out", str(out),
+                          "--atol", "0", "--rtol", "0", "--threads", "1"])
+    assert status == 1
+    assert "export check failed" in capsys.readouterr().err
+    assert (out / "inference.json").exists() and not (out / DEPLOY_FILE).exists()
+    assert export_main(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--out", str(out), "--threads", "1"]) == 0
+    assert (out / DEPLOY_FILE).exists()

@@ -66,8 +66,9 @@ def seg(tmp_path_factory):
     paddle.save(model.state_dict(), ckpt)
     export_model(model, str(tmp / "export"), cfg)
     SyntheticRGBD(num_samples=1, image_size=(60, 80), split="val").export(str(tmp / "data"))
+    data = tmp / "data"
     return {"cfg": str(cfg_path), "ckpt": ckpt, "model_dir": str(tmp / "export"), "tmp": tmp,
-            "rgb": str(tmp / "data" / "rgb" / "val_000000.png"), "depth": str(tmp / "data" / "depth" / "val_000000.png")}
+            "rgb": str(data / "rgb" / "val_000000.png"), "depth": str(data / "depth" / "val_000000.png")}
 
 
 def test_preprocess_is_the_datasets_val_pipeline(seg):
