@@ -9,6 +9,10 @@ rounds as `tools/benchmark.py`, so the two tables can be read side by side:
 `--tome-repo` is a checkout of facebookresearch/ToMe (not part of plfusion); without it only the
 unpatched timm model is measured. Settings are timed in interleaved rounds (each round runs every
 setting once, in a rotating order) and medians are reported, as tools/benchmark.py does.
+
+`--serve` keeps the models loaded and times one batch per stdin line naming a setting (it prints
+`ready <labels as JSON>` first, then one time in seconds per request): tools/reference/interleave.py
+drives it in lockstep with plfusion, so both sides run under the same machine load.
 """
 import argparse
 import copy
@@ -35,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--tome-r", type=int, nargs="*", default=[16], help="r values for the official ToMe patch")
     p.add_argument("--tome-repo", default=None, help="checkout of facebookresearch/ToMe (adds the ToMe rows)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--serve", action="store_true", help="time one batch per setting named on stdin (see above)")
     args = p.parse_args(argv)
     for name in ("batch_size", "iters", "threads"):
         if getattr(args, name) < 1:
@@ -67,6 +72,8 @@ def main(argv=None):
             m(x)
 
     labels = list(models)
+    if args.serve:
+        return serve(models, run, args.warmup)
     for _ in range(args.warmup):
         for label in labels:
             run(models[label])
@@ -92,6 +99,21 @@ def main(argv=None):
                        "batch_size": args.batch_size, "threads": torch.get_num_threads(),
                        "python": platform.python_version(), "results": rows}, f, indent=2)
     return rows
+
+
+def serve(models, run, warmup):
+    for _ in range(warmup):
+        for m in models.values():
+            run(m)
+    print("ready " + json.dumps(list(models)), flush=True)
+    for line in sys.stdin:
+        label = line.strip()
+        if label not in models:
+            print(f"error unknown setting {label!r}; known: {list(models)}", flush=True)
+            continue
+        start = time.perf_counter()
+        run(models[label])
+        print(f"{time.perf_counter() - start:.6f}", flush=True)
 
 
 if __name__ == "__main__":
