@@ -2,7 +2,11 @@
 
     plfusion-train -c CONFIG [-o key=value ...] [--resume auto|RUN_DIR|CKPT] [--max-steps N] [--threads N]
     plfusion-train -c CONFIG --eval (--resume CKPT | --pretrained WEIGHTS) [--ema]
-    plfusion-eval  -c CONFIG (--resume CKPT | --pretrained WEIGHTS) [--ema]
+    plfusion-eval  -c CONFIG (--resume CKPT | --pretrained WEIGHTS) [--ema] [--tome-r 0 8 16]
+
+`--tome-r` evaluates the model at each ToMe r in one pass over the val data and prints
+r | top-1 | top-5 | images/s | speed-up | GFLOPs (the ToMe paper's accuracy/speed table);
+`-o model.patches='[{name: tome, r: 16}]'` instead evaluates at one fixed r.
 
 Several processes (CPU over gloo, or GPUs over NCCL):
 
@@ -43,6 +47,9 @@ def build_parser(prog, eval_only=False):
         p.add_argument("--max-steps", type=int, default=None, metavar="N",
                        help="stop after N updates (a smoke run); the schedule keeps the configured length")
     p.add_argument("--ema", action="store_true", help="with --eval --resume: evaluate the checkpoint's EMA weights")
+    p.add_argument("--tome-r", nargs="+", default=None, metavar="R",
+                   help="with evaluation: evaluate at each ToMe r (16, '16,-1' for (r, inflection), '[8,8,4]') in one "
+                        "pass and print accuracy, images/s and GFLOPs per r; the first r is the speed-up baseline")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads per process (default: usable cores / processes on this machine)")
     return p
@@ -67,8 +74,33 @@ def configure_threads(threads=None):
     return threads
 
 
+def _parse_tome_r(values):
+    if values is None:
+        return None
+    from ..patches.tome import parse_r_text
+    try:
+        r_values = [parse_r_text(v, where="--tome-r") for v in values]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if len({repr(r) for r in r_values}) != len(r_values):
+        raise ConfigError(f"--tome-r: each r once, got {' '.join(values)}")
+    return r_values
+
+
+def _print_tome_table(rows, trainer, threads):
+    from ..utils.benchmark import format_table
+    loader = trainer.val_loader
+    columns = [("r", "r", "{}"), ("top1", "top-1", "{:.2f}"), ("top5", "top-5", "{:.2f}"),
+               ("ips", "images/s", "{:.1f}"), ("speedup", "speed-up", "{:.2f}x"), ("gflops", "GFLOPs", "{:.3f}")]
+    title = (f"ToMe on {rows[0]['samples']} val images | batch {loader.batch_size} x {trainer.world_size} process(es) "
+             f"| {threads} CPU thread(s) per process | images/s: model forward passes only, every batch run at each "
+             f"r in rotating order, first batch untimed")
+    print(format_table(rows, columns, title=title), flush=True)
+
+
 def _run(args, eval_mode):
     from ..config import get_config
+    from ..models.pretrained import CheckpointMismatchError
     from .checkpoint import CheckpointNotFound
     from .trainer import OutputDirInUse, Trainer, TrainingDiverged
 
@@ -82,15 +114,24 @@ def _run(args, eval_mode):
                               "-o model.pretrained=PATH (or model.architecture.pretrained for the backbone)")
         if args.ema and not (eval_mode and args.resume):
             raise ConfigError("--ema evaluates a checkpoint's EMA weights: use it with --eval --resume CKPT")
+        if args.tome_r is not None and not eval_mode:
+            raise ConfigError("--tome-r is an evaluation option: use it with --eval (or plfusion-eval)")
+        r_values = _parse_tome_r(args.tome_r)
         cfg = get_config(args.config, args.override)
-        configure_threads(args.threads)
-        if eval_mode:
+        threads = configure_threads(args.threads)
+        if eval_mode and r_values is not None:
+            trainer = Trainer(cfg, mode="eval")
+            rows = trainer.evaluate_tome(r_values, resume=args.resume, pretrained=args.pretrained, use_ema=args.ema)
+            if trainer.is_main:
+                _print_tome_table(rows, trainer, threads)
+        elif eval_mode:
             trainer = Trainer(cfg, mode="eval")
             trainer.evaluate(resume=args.resume, pretrained=args.pretrained, use_ema=args.ema)
         else:
             trainer = Trainer(cfg, mode="train")
             trainer.train(resume=args.resume, max_steps=getattr(args, "max_steps", None))
-    except (ConfigError, OutputDirInUse, CheckpointNotFound, TrainingDiverged, FileNotFoundError) as e:
+    except (ConfigError, OutputDirInUse, CheckpointNotFound, CheckpointMismatchError, TrainingDiverged,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, TrainingDiverged) else 2
     return 0

@@ -12,6 +12,7 @@ The eval loader gives each rank a disjoint shard (see plfusion.data.loader.Shard
 so summing counts and confusion matrices over ranks counts every sample exactly once.
 """
 import logging
+import time
 
 import numpy as np
 import paddle
@@ -98,6 +99,72 @@ class Evaluator:
             if was_training:
                 model.train()
         return self._reduce(task, counts, matrices, names, samples, classes)
+
+    @paddle.no_grad()
+    def compare(self, model, loader, settings, desc="compare"):
+        """Classification accuracy and forward throughput of several model settings in one data pass.
+
+        `settings` is {label: fn(model)}, each fn putting the model into one setting (e.g. a ToMe r).
+        Every batch runs under every setting, in an order that rotates from batch to batch, so
+        a machine whose load changes slows all settings alike. Only the forward passes are timed,
+        and the first batch is a warm-up (not timed) when there is more than one.
+        Returns {label: {"top1", "top<k>", "samples", "ips", "timed_samples", "seconds"}}, with
+        counts summed and images/s added up over ranks."""
+        labels = list(settings)
+        if not labels:
+            raise ValueError("Evaluator.compare: no settings given")
+        was_training = model.training
+        model.eval()
+        counts = {label: np.zeros(len(self.topk) + 1, dtype=np.int64) for label in labels}
+        timing = {label: np.zeros(2, dtype=np.float64) for label in labels}   # seconds, images
+        classes = 0
+        total = len(loader)
+        sync = not paddle.device.get_device().startswith("cpu")
+        bar = tqdm(total=total, desc=desc, disable=not is_main_process(), leave=False, dynamic_ncols=True)
+        try:
+            for i, (inputs, targets) in enumerate(loader):
+                y = targets.numpy().reshape(-1)
+                shift = i % len(labels)
+                for label in labels[shift:] + labels[:shift]:
+                    settings[label](model)
+                    start = time.perf_counter()
+                    outputs = self._forward(model, inputs)
+                    if sync:
+                        paddle.device.synchronize()
+                    elapsed = time.perf_counter() - start
+                    if isinstance(outputs, (list, tuple)) or outputs.ndim != 2:
+                        raise ValueError(f"Evaluator.compare: expected classification logits [B, K], got "
+                                         f"{type(outputs).__name__} {getattr(outputs, 'shape', '')}")
+                    logits = outputs.astype("float32").numpy()
+                    classes = logits.shape[1]
+                    ks = [min(k, classes) for k in self.topk]
+                    acc = topk_accuracy(logits, y, ks)
+                    n = logits.shape[0]
+                    for j, k in enumerate(ks):
+                        counts[label][j] += int(round(acc[f"top{k}"] * n / 100.0))
+                    counts[label][-1] += n
+                    if i > 0 or total == 1:
+                        timing[label] += (elapsed, n)
+                bar.update(1)
+        finally:
+            bar.close()
+            if was_training:
+                model.train()
+        seen = all_reduce_sum(np.array([classes, classes > 0], np.int64))   # ranks with an empty shard saw none
+        classes = int(seen[0]) // max(int(seen[1]), 1)
+        out = {}
+        for label in labels:
+            c = all_reduce_sum(counts[label])
+            n = int(c[-1])
+            if n == 0:
+                raise RuntimeError("evaluation: the loader produced no batches")
+            seconds, images = timing[label]
+            ips = float(all_reduce_sum(np.array([images / seconds if seconds > 0 else 0.0]))[0])
+            res = {f"top{k}": float(c[j]) / n * 100.0 for j, k in enumerate(self.topk) if k < classes or j == 0}
+            res.update(samples=n, ips=ips, timed_samples=int(all_reduce_sum(np.array([images], np.int64))[0]),
+                       seconds=float(seconds))
+            out[label] = res
+        return out
 
     def _reduce(self, task, counts, matrices, names, samples, classes):
         # Ranks whose shard was empty still join the reduction with zeros of the agreed shape.

@@ -14,8 +14,15 @@ Engine config sections (besides model / dataloader / loss / optimizer / lr_sched
     train: {accum_steps: 1, log_interval: 10, eval_interval: 1, save_interval: 1, keep_last: 3,
             best_metric: null, topk: [1, 5]}
     mixup: {mixup_alpha: 0.8, cutmix_alpha: 1.0, ...}   # optional, classification only
-    teacher: {name: Classifier, ...}                     # optional model section, for DistillationLoss
+    teacher: {name: Classifier, ..., pretrained: PATH}   # optional model section, for DistillationLoss
+    lr_scheduler: {..., scale_by_batch: 512}             # optional: rates are given for a global batch of 512
     eval: {save_predictions: 0}  # segmentation: pictures of the first N val samples after the final evaluation
+
+Linear LR scaling (DeiT, Swin, MViT): with `lr_scheduler.scale_by_batch: N` the schedule's
+`learning_rate`, `warmup_start_lr` and `eta_min` are the values for a global batch of N images,
+and the trainer multiplies them by (batch_size x processes x accum_steps) / N. The teacher of
+a DistillationLoss is built from the `teacher` section with build_model, must load weights
+(`pretrained` or `architecture.pretrained`), runs in eval mode and is never optimised.
 
 `eval_interval` and `save_interval` count epochs in an `epochs` run and updates in an `iters`
 run; 0 means only at the end. `best_metric` defaults to top1 (classification) or miou
@@ -62,7 +69,7 @@ from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer, clip_grad_norm
 
 __all__ = ["Trainer", "TrainingDiverged", "OutputDirInUse", "extra_losses", "validate_engine_config",
-           "validate_eval_options"]
+           "validate_eval_options", "scale_lr_by_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +176,26 @@ def validate_eval_options(cfg):
 
 # ------------------------------------------------------------------ helpers
 
+SCALED_LR_KEYS = ("learning_rate", "warmup_start_lr", "eta_min")
+
+
+def scale_lr_by_batch(sched_cfg, global_batch, where="lr_scheduler"):
+    """(schedule config without `scale_by_batch`, factor): rates given for a batch of N, scaled to `global_batch`."""
+    sched = dict(sched_cfg) if hasattr(sched_cfg, "items") else sched_cfg
+    if not isinstance(sched, dict) or sched.get("scale_by_batch") is None:
+        if isinstance(sched, dict):
+            sched.pop("scale_by_batch", None)
+        return sched, 1.0
+    ref = sched.pop("scale_by_batch")
+    _int(ref, f"{where}.scale_by_batch", 1)
+    factor = global_batch / float(ref)
+    for key in SCALED_LR_KEYS:
+        value = sched.get(key)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            sched[key] = float(value) * factor
+    return sched, factor
+
+
 def extra_losses(model):
     """{name: scalar Tensor} from the innermost model's `extra_losses()`, or {}."""
     inner = D.unwrap_model(model)
@@ -184,6 +211,15 @@ def extra_losses(model):
             raise TypeError(f"{type(inner).__name__}.extra_losses()['{name}'] must be a scalar tensor, got "
                             f"{getattr(value, 'shape', type(value).__name__)}")
     return terms
+
+
+def _r_label(r):
+    """A ToMe r as typed on the command line: 16, '16,-1', '[8,8,4]'."""
+    if isinstance(r, tuple):
+        return f"{r[0]},{r[1]:g}"
+    if isinstance(r, list):
+        return "[" + ",".join(str(v) for v in r) + "]"
+    return str(r)
 
 
 def _state_numpy(model):
@@ -329,18 +365,18 @@ class Trainer:
         self.num_epochs = cfg["epochs"] if self.by_epoch else math.ceil(self.total_steps / self.iters_per_epoch)
 
         from ..losses import build_loss
-        teacher = None
-        if cfg.get("teacher") is not None:
-            from ..models import build_model
-            teacher = build_model(cfg.teacher)
-            teacher.eval()
-            for p in teacher.parameters():
-                p.stop_gradient = True
+        teacher = self._build_teacher()
         self.loss_fn = build_loss(cfg.loss, teacher=teacher) if teacher is not None else build_loss(cfg.loss)
         self.loss_needs_inputs = bool(getattr(self.loss_fn, "needs_inputs", False))
         self.mixup = self._build_mixup()
 
-        self.scheduler = build_lr_scheduler(cfg.lr_scheduler, self.iters_per_epoch, self.total_steps)
+        global_batch = self.train_loader.batch_size * self.world_size * self.accum
+        sched_cfg, factor = scale_lr_by_batch(cfg.lr_scheduler, global_batch)
+        self.scheduler = build_lr_scheduler(sched_cfg, self.iters_per_epoch, self.total_steps)
+        if factor != 1.0:
+            logger.info("lr_scheduler.scale_by_batch: global batch %d = %.4g x %d, so learning_rate %.4g -> %.4g",
+                        global_batch, factor, cfg.lr_scheduler["scale_by_batch"], cfg.lr_scheduler["learning_rate"],
+                        self.scheduler.base_lr)
         inner = self.model
         self.optimizer, self.max_grad_norm = build_optimizer(cfg.optimizer, inner, self.scheduler,
                                                              multi_precision=self.amp_enabled and self.amp_level == "O2")
@@ -366,6 +402,40 @@ class Trainer:
         self.ckpt = CheckpointManager(self.output_dir, keep_last=opts["keep_last"])
         if self.val_loader is None:
             logger.warning("no dataloader.val section: training runs without evaluation, so no best checkpoint")
+
+    def _build_teacher(self):
+        """The DistillationLoss teacher from the `teacher` section: weights loaded, eval mode, frozen."""
+        spec, loss = self.cfg.get("teacher"), self.cfg.get("loss") or {}
+        distills = loss.get("name") == "DistillationLoss" and loss.get("distillation_type", "hard") != "none"
+        if spec is None:
+            if distills:
+                raise ConfigError(f"teacher: missing; loss DistillationLoss with distillation_type "
+                                  f"'{loss.get('distillation_type', 'hard')}' needs a teacher model section, e.g. "
+                                  f"teacher: {{architecture: {{name: ...}}, pretrained: PATH}}")
+            return None
+        if not distills:
+            raise ConfigError(f"teacher: only DistillationLoss (with distillation_type soft or hard) uses a teacher, "
+                              f"but loss is {loss.get('name')!r} with distillation_type "
+                              f"{loss.get('distillation_type')!r}; remove the teacher section or change the loss")
+        if not hasattr(spec, "get"):
+            raise ConfigError(f"teacher: expected a model section ({{architecture: ..., pretrained: PATH}}), "
+                              f"got {spec!r}")
+        arch = spec.get("architecture") or {}
+        if not spec.get("pretrained") and not (hasattr(arch, "get") and arch.get("pretrained")):
+            raise ConfigError("teacher.pretrained: missing; a teacher with random weights would distil noise. "
+                              "Give the path of its trained weights (teacher.pretrained=PATH)")
+        from ..models import build_model
+        from ..registry import add_context
+        try:
+            teacher = build_model(spec)
+        except (ConfigError, ValueError, TypeError, OSError) as e:
+            raise add_context(e, "teacher")
+        teacher.eval()
+        for p in teacher.parameters():
+            p.stop_gradient = True
+        logger.info("teacher %s: %.2fM parameters, frozen", type(teacher).__name__,
+                    sum(int(np.prod(p.shape)) for p in teacher.parameters()) / 1e6)
+        return teacher
 
     def _build_mixup(self):
         spec = self.cfg.get("mixup")
@@ -680,23 +750,7 @@ class Trainer:
     def evaluate(self, resume=None, pretrained=None, use_ema=False):
         """Load weights from a training checkpoint (`resume`: path, run dir or 'auto') or a pretrained
         file, evaluate, and write `<output_dir>/eval_results.json` (rank 0)."""
-        if (resume is None) == (pretrained is None):
-            raise ValueError("evaluate: give exactly one of resume (a checkpoint) or pretrained (a weights file)")
-        if resume is not None:
-            prefix = D.broadcast_object(resolve_checkpoint(resume, self.output_dir) if self.is_main else None)
-            ck = load_checkpoint(prefix, with_optimizer=False)
-            weights = ck["model"]
-            if use_ema:
-                if ck["ema"] is None:
-                    raise ValueError(f"{prefix}: has no EMA weights (train with ema.enable: true)")
-                weights = ck["ema"]
-            load_model_state(self.model, weights, f"{prefix}{'.ema' if use_ema else ''}.pdparams")
-            source = prefix
-            self.global_step = int(ck["state"].get("global_step", 0))
-        else:
-            report = self.model.load_pretrained(pretrained)
-            logger.info("%s", report)
-            source = pretrained
+        source = self._load_eval_weights(resume, pretrained, use_ema)
         metrics = self.evaluate_now()
         if self.is_main:
             os.makedirs(self.output_dir, exist_ok=True)
@@ -720,4 +774,72 @@ class Trainer:
         return save_predictions(D.unwrap_model(self.model), self.val_loader, count,
                                 os.path.join(self.output_dir, PREDICTIONS_DIR),
                                 amp=(self.amp_level, self.amp_dtype) if self.amp_enabled else None)
+
+    def _load_eval_weights(self, resume, pretrained, use_ema):
+        """Load a checkpoint (`resume`) or a weights file (`pretrained`) into the model; returns its name."""
+        if (resume is None) == (pretrained is None):
+            raise ValueError("evaluate: give exactly one of resume (a checkpoint) or pretrained (a weights file)")
+        if resume is not None:
+            prefix = D.broadcast_object(resolve_checkpoint(resume, self.output_dir) if self.is_main else None)
+            ck = load_checkpoint(prefix, with_optimizer=False)
+            weights = ck["model"]
+            if use_ema:
+                if ck["ema"] is None:
+                    raise ValueError(f"{prefix}: has no EMA weights (train with ema.enable: true)")
+                weights = ck["ema"]
+            load_model_state(self.model, weights, f"{prefix}{'.ema' if use_ema else ''}.pdparams")
+            self.global_step = int(ck["state"].get("global_step", 0))
+            return prefix
+        report = self.model.load_pretrained(pretrained)
+        unset = list(report.missing) + list(report.dropped)
+        if unset:
+            # evaluating freshly initialised tensors would report a meaningless accuracy
+            raise ConfigError(f"--pretrained {pretrained}: leaves {len(unset)} model tensor(s) at their random "
+                              f"initialisation ({', '.join(unset[:5])}{' ...' if len(unset) > 5 else ''}); the "
+                              f"config's model (architecture, num_classes) does not match these weights")
+        return pretrained
+
+    def evaluate_tome(self, r_values, resume=None, pretrained=None, use_ema=False):
+        """Evaluate the weights at each ToMe r of `r_values` in one pass over the val data.
+
+        Every batch runs once per r (in rotating order, so load on a shared machine hits all r
+        alike); returns one row per r with top-k accuracy, images/s of the model's forward passes,
+        the speed-up over the first r, and GFLOPs per image (plfusion.utils.flops), and writes
+        them to <output_dir>/eval_results.json (rank 0)."""
+        from ..patches import tome
+        from ..utils.flops import count_flops
+        if not r_values:
+            raise ValueError("evaluate_tome: r_values is empty")
+        if self.val_loader is None:
+            raise ConfigError("dataloader.val: missing, so there is nothing to evaluate on")
+        source = self._load_eval_weights(resume, pretrained, use_ema)
+        net = D.unwrap_model(self.model)
+        if not tome.is_patched(net):
+            tome.apply_patch(net)
+        for r in r_values:
+            net.r = r   # validates every r before the long pass
+        x0 = self.val_loader.dataset[0][0]
+        if not (hasattr(x0, "shape") and len(x0.shape) == 3):
+            raise ConfigError("--tome-r: the ToMe table is for single-image classification; the val dataset "
+                              f"gives {type(x0).__name__} inputs")
+        shape = [1] + [int(v) for v in x0.shape]
+        settings, gflops = {}, {}
+        for r in r_values:
+            label = _r_label(r)
+            settings[label] = lambda m, r=r: setattr(m, "r", r)
+            net.r = r
+            gflops[label] = count_flops(net, tuple(shape))
+        results = self.evaluator.compare(net, self.val_loader, settings, desc="eval ToMe")
+        base = results[_r_label(r_values[0])]["ips"]
+        rows = []
+        for label, res in results.items():
+            rows.append(dict(res, r=label, gflops=gflops[label], speedup=res["ips"] / base if base else None))
+        logger.info("ToMe evaluation of %s: %s", source, "; ".join(
+            f"r={row['r']} top1 {row['top1']:.2f} images/s {row['ips']:.1f}" for row in rows))
+        if self.is_main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            dump_config(self.cfg, os.path.join(self.output_dir, "eval_config.yaml"))
+            atomic_write_text(json.dumps({"weights": source, "input_shape": shape, "tome": _jsonable(rows)}, indent=1),
+                              os.path.join(self.output_dir, "eval_results.json"))
+        return rows
 
