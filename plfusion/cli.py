@@ -1,25 +1,41 @@
 """Console scripts `plfusion-export` and `plfusion-benchmark` (setup.py entry points).
 
 The same commands run from a checkout as `python tools/export.py` and `python tools/benchmark.py`.
+Exit status: 0 on success, 1 when the exported model fails its check against dygraph, 2 for bad
+input (a config, file or argument that cannot be used; the message names it).
 """
 import sys
 
-__all__ = ["export_main", "benchmark_main"]
+__all__ = ["export_main", "benchmark_main", "user_errors"]
+
+
+def user_errors():
+    """The exception types that mean bad input rather than a bug: printed as `error: ...`, exit status 2."""
+    from .inference import DeployError
+    from .registry import ConfigError
+    return (ConfigError, DeployError, ValueError, TypeError, KeyError, FileNotFoundError)
 
 
 def export_main(argv=None):
-    """plfusion-export: see plfusion.export (a failed check exits with status 1 and the reason)."""
+    """plfusion-export: see plfusion.export."""
     from .export import ExportMismatchError, main
     try:
         main(argv)
     except ExportMismatchError as e:
         print(f"error: export check failed: {e}", file=sys.stderr)
         return 1
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
 def benchmark_main(argv=None):
     """plfusion-benchmark: see plfusion.benchmark_cli."""
     from .benchmark_cli import main
-    main(argv)
+    try:
+        main(argv)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0

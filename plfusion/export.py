@@ -93,11 +93,11 @@ def image_size(model, img_size=None):
                      f"(or give the config's val pipeline a Resize)")
 
 
-def input_specs(model, size, names):
-    """One InputSpec [None, C, H, W] float32 per input name (the batch stays dynamic)."""
+def input_specs(model, size, names, batch=None):
+    """One InputSpec [batch, C, H, W] float32 per input name (batch None: dynamic)."""
     import paddle
     c = _in_chans(model)
-    return [paddle.static.InputSpec([None, c, size[0], size[1]], "float32", n) for n in names]
+    return [paddle.static.InputSpec([batch, c, size[0], size[1]], "float32", n) for n in names]
 
 
 # ----------------------------------------------------------------------------- deploy metadata
@@ -332,7 +332,13 @@ def save_model(model, specs, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     static = paddle.jit.to_static(_wrap(model, len(specs)), input_spec=specs, full_graph=True)
     prefix = os.path.join(out_dir, PREFIX)
-    paddle.jit.save(static, prefix)
+    try:
+        paddle.jit.save(static, prefix)
+    except AssertionError as e:
+        if specs[0].shape[0] in (None, -1) and "reshape can be -1" in str(e):
+            raise ValueError(f"export: {type(model).__name__} reshapes with the batch size, which a dynamic batch "
+                             f"cannot trace; fix the batch with --batch-size N (export_model(batch_size=N))") from e
+        raise
     return prefix
 
 
@@ -381,20 +387,24 @@ def verify_export(expected, prefix, inputs, atol=1e-4, rtol=1e-4, engines=CHECK_
 
 
 def export_model(model, out_dir, cfg=None, img_size=None, check_batch=2, atol=1e-4, rtol=1e-4, seed=0,
-                 threads=None, source=None):
+                 threads=None, source=None, batch_size=None):
     """Export `model` (built from `cfg`, if given) to `out_dir`, check it, write deploy.yaml.
 
     The check feeds a seeded standard-normal batch of `check_batch` (a normalised image's range)
     and compares dygraph with both saved-model runs (see verify_export); deploy.yaml is written
-    only when they agree. `source` (a dict, e.g. config and weights paths) is recorded in it.
+    only when they agree. `batch_size` fixes the batch in the graph (default: dynamic; Swin and
+    MViTv2 need a fixed one, their reshapes name the batch) and is then the check batch too.
+    `source` (a dict, e.g. config and weights paths) is recorded in deploy.yaml.
     Returns the deploy dict, with `prefix` (the saved model's path prefix) added."""
     import paddle
     from .patches import tome
-    if isinstance(check_batch, bool) or not isinstance(check_batch, int) or check_batch < 1:
-        raise ValueError(f"export: check_batch must be a positive int, got {check_batch!r}")
+    for name, value in (("check_batch", check_batch), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"export: {name} must be a positive int, got {value!r}")
+    check_batch = batch_size or check_batch
     model.eval()
     _, _, size, names = input_layout(model, cfg, img_size)
-    specs = input_specs(model, size, names)
+    specs = input_specs(model, size, names, batch_size)
     rng = np.random.default_rng(seed)
     arrays = [rng.standard_normal([check_batch] + list(s.shape[1:])).astype(np.float32) for s in specs]
     tensors = [paddle.to_tensor(a) for a in arrays]
@@ -402,6 +412,9 @@ def export_model(model, out_dir, cfg=None, img_size=None, check_batch=2, atol=1e
         out = model(tensors if len(tensors) > 1 else tensors[0])
     expected = [t.numpy() for t in flatten_outputs(out)]
     info = deploy_info(model, cfg, size, [e.shape for e in expected])
+    if batch_size is not None:
+        for entry in info["inputs"] + info["outputs"]:
+            entry["shape"][0] = batch_size
     prefix = save_model(model, specs, out_dir)
     worst = verify_export(expected, prefix, arrays, atol, rtol, threads=threads)
     info["check"] = {"batch": check_batch, "atol": atol, "rtol": rtol, "seed": seed,
@@ -448,6 +461,8 @@ def parse_args(argv=None):
                    help="patch with ToMe at this fixed r: 16, '16,-1' or '[8,8,4]'")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--check-batch", type=int, default=2, help="batch size of the random check input")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="fix the batch in the graph (default: dynamic); Swin and MViTv2 need it")
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--rtol", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every usable core)")
@@ -455,8 +470,10 @@ def parse_args(argv=None):
     if args.override and not args.config:
         p.error("-o/--override needs -c/--config")
     args.img_size = parse_img_size(args.img_size, p)
-    if args.check_batch < 1:
-        p.error(f"--check-batch must be >= 1, got {args.check_batch}")
+    for name in ("check_batch", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
     return args
@@ -510,10 +527,11 @@ def main(argv=None):
         print(f"ToMe: r = {model.r!r} (fixed in the exported graph)")
     source = {"config": args.config, "model": args.model, "pretrained": args.pretrained, "overrides": args.override}
     info = export_model(model, args.out, cfg, args.img_size, args.check_batch, args.atol, args.rtol,
-                        threads=args.threads, source={k: v for k, v in source.items() if v})
+                        threads=args.threads, source={k: v for k, v in source.items() if v},
+                        batch_size=args.batch_size)
     shapes = [i["shape"] for i in info["inputs"]]
     print(f"saved {info['prefix']}.* and {os.path.join(args.out, DEPLOY_FILE)} ({info['task']}, inputs "
-          f"{[i['name'] for i in info['inputs']]} {shapes}); on a random batch of {args.check_batch} the saved model "
-          f"matches dygraph: max |diff| " + ", ".join(f"{k} {v:.3g}" for k, v in info["check"]["max_abs_diff"].items()))
+          f"{[i['name'] for i in info['inputs']]} {shapes}); on a random batch of {info['check']['batch']} the saved "
+          f"model matches dygraph: max |diff| " + ", ".join(f"{k} {v:.3g}" for k, v in info["check"]["max_abs_diff"].items()))
     sys.stdout.flush()
     return info["prefix"]

@@ -236,13 +236,19 @@ def create_paddle_predictor(prefix, device="cpu", threads=None, onednn=True, ten
     config.switch_ir_optim(True)
     try:
         predictor = pi.create_predictor(config)
-    except Exception as e:   # noqa: BLE001 - TensorRT failures come as many types; retry without it
-        if not settings.get("tensorrt"):
-            raise
-        logger.warning("Predictor: TensorRT engine failed (%s: %s); running on the GPU without it",
-                       type(e).__name__, e)
-        return create_paddle_predictor(prefix, device, threads, onednn, False, precision, gpu_id, gpu_memory_mb,
-                                       max_batch_size, input_shapes)
+    except Exception as e:   # noqa: BLE001 - paddle raises many types here; retry without the optional engine
+        if settings.get("tensorrt"):
+            logger.warning("Predictor: TensorRT engine failed (%s: %s); running on the GPU without it",
+                           type(e).__name__, e)
+            return create_paddle_predictor(prefix, device, threads, onednn, False, precision, gpu_id,
+                                           gpu_memory_mb, max_batch_size, input_shapes)
+        if settings.get("onednn"):
+            # some graphs trip paddle's oneDNN fusion passes (e.g. Swin's windowed fc); plain CPU kernels run them
+            logger.warning("Predictor: the oneDNN passes failed on %s (%s: %s); running without oneDNN", model_file,
+                           type(e).__name__, str(e).splitlines()[0])
+            return create_paddle_predictor(prefix, device, threads, False, tensorrt, precision, gpu_id,
+                                           gpu_memory_mb, max_batch_size, input_shapes)
+        raise
     return predictor, settings
 
 

@@ -139,5 +139,16 @@ def main(argv=None):
     return result
 
 
+def run(argv=None):
+    """main() with bad input reported as `error: ...` and exit status 2."""
+    from plfusion.cli import user_errors
+    try:
+        main(argv)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run())
