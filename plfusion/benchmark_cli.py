@@ -90,7 +90,7 @@ def main(argv=None):
     cpu = configure_cpu(args.threads)   # first: MKL reads its kernel choice at its first call
     import numpy as np
     import paddle
-    from .export import build_model_from_args, export_model, input_layout, input_specs
+    from .export import DynamicBatchError, build_model_from_args, export_model, input_layout, input_specs
     from .inference import create_paddle_predictor, run_paddle_predictor
     from .patches import tome
     from .utils.benchmark import available_cpus, compare_throughput, latency_percentiles, peak_memory, print_table
@@ -133,8 +133,12 @@ def main(argv=None):
                 if r not in exported:
                     set_r(r)
                     out_dir = os.path.join(tmp, f"r_{len(exported)}")
-                    exported[r] = export_model(model, out_dir, cfg, (h, w), check_batch=1,
-                                               threads=cpu["threads"])["prefix"]
+                    try:
+                        exported[r] = export_model(model, out_dir, cfg, (h, w), check_batch=1,
+                                                   threads=cpu["threads"])["prefix"]
+                    except DynamicBatchError:   # e.g. Swin: the batch measured here, fixed in the graph
+                        exported[r] = export_model(model, out_dir, cfg, (h, w), threads=cpu["threads"],
+                                                   batch_size=args.batch_size)["prefix"]
                 predictor, _ = create_paddle_predictor(exported[r], threads=cpu["threads"], onednn=onednn == "on")
 
                 def fn(predictor=predictor):

@@ -27,8 +27,8 @@ from .inference import (DEPLOY_FILE, DEPLOY_FORMAT, DEPLOY_VERSION, PREFIX, crea
                         flatten_outputs, run_paddle_predictor)
 from .registry import ConfigError
 
-__all__ = ["ExportMismatchError", "export_model", "save_model", "verify_export", "deploy_info", "input_specs",
-           "model_kind", "image_size", "input_layout", "inference_transforms", "build_model_from_args",
+__all__ = ["ExportMismatchError", "DynamicBatchError", "export_model", "save_model", "verify_export", "deploy_info",
+           "input_specs", "model_kind", "image_size", "input_layout", "inference_transforms", "build_model_from_args",
            "load_weights", "add_model_args", "parse_img_size", "parse_args", "main", "CHECK_ENGINES"]
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,10 @@ CLS_STEPS = ("ResizeCenterCrop", "Normalize", "ToCHW")
 
 class ExportMismatchError(RuntimeError):
     """The saved model's outputs differ from the dygraph model's."""
+
+
+class DynamicBatchError(ValueError):
+    """The model cannot be traced with a dynamic batch; export it with a fixed batch_size."""
 
 
 # ----------------------------------------------------------------------------- model facts
@@ -336,8 +340,9 @@ def save_model(model, specs, out_dir):
         paddle.jit.save(static, prefix)
     except AssertionError as e:
         if specs[0].shape[0] in (None, -1) and "reshape can be -1" in str(e):
-            raise ValueError(f"export: {type(model).__name__} reshapes with the batch size, which a dynamic batch "
-                             f"cannot trace; fix the batch with --batch-size N (export_model(batch_size=N))") from e
+            raise DynamicBatchError(f"export: {type(model).__name__} reshapes with the batch size, which a dynamic "
+                                    f"batch cannot trace; fix the batch with --batch-size N "
+                                    f"(export_model(batch_size=N))") from e
         raise
     return prefix
 
@@ -532,6 +537,7 @@ def main(argv=None):
     shapes = [i["shape"] for i in info["inputs"]]
     print(f"saved {info['prefix']}.* and {os.path.join(args.out, DEPLOY_FILE)} ({info['task']}, inputs "
           f"{[i['name'] for i in info['inputs']]} {shapes}); on a random batch of {info['check']['batch']} the saved "
-          f"model matches dygraph: max |diff| " + ", ".join(f"{k} {v:.3g}" for k, v in info["check"]["max_abs_diff"].items()))
+          f"model matches dygraph: max |diff| "
+          + ", ".join(f"{k} {v:.3g}" for k, v in info["check"]["max_abs_diff"].items()))
     sys.stdout.flush()
     return info["prefix"]

@@ -169,10 +169,10 @@ def _gpu_config(config, gpu_id, gpu_memory_mb, tensorrt, precision, max_batch_si
         config.enable_use_gpu(gpu_memory_mb, gpu_id)
         config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=max_batch_size, min_subgraph_size=3,
                                       precision_mode=mode, use_static=False, use_calib_mode=False)
-        # only the batch varies: TensorRT needs its range
-        config.set_trt_dynamic_shape_info({n: [1] + s[1:] for n, s in input_shapes.items()},
-                                          {n: [max_batch_size] + s[1:] for n, s in input_shapes.items()},
-                                          {n: [max_batch_size] + s[1:] for n, s in input_shapes.items()})
+        # only a dynamic batch (-1) varies: TensorRT needs its range
+        lo = {n: [s[0] if s[0] > 0 else 1] + s[1:] for n, s in input_shapes.items()}
+        hi = {n: [s[0] if s[0] > 0 else max_batch_size] + s[1:] for n, s in input_shapes.items()}
+        config.set_trt_dynamic_shape_info(lo, hi, hi)
     else:
         config.enable_use_gpu(gpu_memory_mb, gpu_id, mode)
     return tensorrt

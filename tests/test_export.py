@@ -10,7 +10,8 @@ import yaml
 
 from plfusion.config import get_config
 from plfusion.data.synthetic_imagenet import SYNTHETIC_CLASSES
-from plfusion.export import ExportMismatchError, deploy_info, export_model, inference_transforms, main, verify_export
+from plfusion.export import (DynamicBatchError, ExportMismatchError, deploy_info, export_model, inference_transforms,
+                             main, verify_export)
 from plfusion.inference import DEPLOY_FILE, Predictor, create_paddle_predictor, run_paddle_predictor
 from plfusion.models import build_model, create_model
 from plfusion.patches import tome
@@ -204,14 +205,15 @@ def test_console_script_fails_with_the_reason_and_writes_no_deploy_file(tmp_path
     assert status == 1
     assert "export check failed" in capsys.readouterr().err
     assert (out / "inference.json").exists() and not (out / DEPLOY_FILE).exists()
-    assert export_main(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--out", str(out), "--threads", "1"]) == 0
+    ok = export_main(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--out", str(out), "--threads", "1"])
+    assert ok == 0
     assert (out / DEPLOY_FILE).exists()
 
 
 def test_a_model_that_reshapes_with_the_batch_exports_with_a_fixed_batch(tmp_path):
     model = create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=2, embed_dim=16,
                          depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], num_classes=5)
-    with pytest.raises(ValueError, match="fix the batch with --batch-size N"):
+    with pytest.raises(DynamicBatchError, match="fix the batch with --batch-size N"):
         export_model(model, str(tmp_path / "dynamic"), threads=1)
     info = export_model(model, str(tmp_path / "fixed"), batch_size=2, threads=1)
     assert info["inputs"][0]["shape"] == [2, 3, 64, 64] and info["outputs"][0]["shape"] == [2, 5]

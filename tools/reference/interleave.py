@@ -114,8 +114,9 @@ def main(argv=None):
             worker.wait(timeout=60)
 
     r = args.tome_r
+    mkl = "on" if cpu["mkl_avx2"] else "off"
     print(f"model {args.model} | batch {args.batch_size} | threads {args.threads} (both sides) | {args.rounds} "
-          f"lockstep rounds after {args.warmup} warm-up, medians | MKL AVX2 kernels {'on' if cpu['mkl_avx2'] else 'off'} "
+          f"lockstep rounds after {args.warmup} warm-up, medians | MKL AVX2 kernels {mkl} "
           f"| load average {load_before:.2f} -> {load_after:.2f}")
     for label, ts in times.items():
         med = statistics.median(ts)
@@ -124,7 +125,7 @@ def main(argv=None):
 
     def ratio(a, b):
         return statistics.median(tb / ta for ta, tb in zip(times[a], times[b]))
-    pairs = [(f"plfusion inference r=0", "timm"), (f"plfusion inference r={r}", f"timm+ToMe r={r}"),
+    pairs = [("plfusion inference r=0", "timm"), (f"plfusion inference r={r}", f"timm+ToMe r={r}"),
              (f"plfusion inference r={r}", f"plfusion inference r=0"), (f"timm+ToMe r={r}", "timm")]
     if not args.no_dygraph:
         pairs += [("plfusion dygraph r=0", "timm"), (f"plfusion dygraph r={r}", f"timm+ToMe r={r}")]
