@@ -222,3 +222,9 @@ def test_a_model_that_reshapes_with_the_batch_exports_with_a_fixed_batch(tmp_pat
     model.eval()
     np.testing.assert_allclose(Predictor(str(tmp_path / "fixed"), threads=1).run([x])[0], _dygraph(model, [x])[0],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_latency_percentiles_interpolate_between_batches():
+    from plfusion.utils.benchmark import latency_percentiles
+    got = latency_percentiles([0.4, 0.1, 0.3, 0.2])
+    assert got == pytest.approx({"p50": 0.25, "p90": 0.37, "p99": 0.397})

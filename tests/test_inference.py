@@ -201,3 +201,16 @@ def test_visualisation_numbers():
     np.testing.assert_array_equal(sheet[10:12, :2], img)
     with pytest.raises(ValueError, match="label is 1x2 but the image is 2x2"):
         overlay(img, label[:1], palette)
+
+
+def test_cpu_defaults_ask_mkl_for_avx2_kernels_only_on_amd(monkeypatch):
+    from plfusion.utils import cpu
+    monkeypatch.delenv("MKL_DEBUG_CPU_TYPE", raising=False)
+    monkeypatch.setattr(cpu, "cpu_vendor", lambda: "GenuineIntel")
+    assert cpu.prefer_mkl_avx2() is False and "MKL_DEBUG_CPU_TYPE" not in os.environ
+    monkeypatch.setattr(cpu, "cpu_vendor", lambda: "AuthenticAMD")
+    assert cpu.prefer_mkl_avx2() is True and os.environ["MKL_DEBUG_CPU_TYPE"] == "5"
+    monkeypatch.setenv("MKL_DEBUG_CPU_TYPE", "4")          # the user's own choice stays
+    assert cpu.prefer_mkl_avx2() is False and os.environ["MKL_DEBUG_CPU_TYPE"] == "4"
+    with pytest.raises(ValueError, match="threads must be a positive int, got 0"):
+        cpu.configure_cpu(0)
