@@ -4,7 +4,8 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.plfusion-installed
-DEMO_CONFIG ?= configs/quickstart/vit_tiny_synthetic.yaml
+DEMO_CONFIG ?= configs/quickstart/geminifusion_mit_b0_synthetic.yaml
+DEMO_OUT ?= output/quickstart_geminifusion_mit_b0
 PYTEST_ARGS ?=
 
 .PHONY: install demo test clean
@@ -17,8 +18,11 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# A second `make demo` resumes the run in $(DEMO_OUT) instead of refusing to overwrite it.
 demo: install
-	$(BIN)/python tools/train.py -c $(DEMO_CONFIG) --threads 2
+	@resume=""; [ -f $(DEMO_OUT)/checkpoints/latest.json ] && resume="--resume auto"; \
+	echo "$(BIN)/python tools/train.py -c $(DEMO_CONFIG) --threads 2 $$resume"; \
+	$(BIN)/python tools/train.py -c $(DEMO_CONFIG) --threads 2 $$resume
 
 test: install
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
