@@ -14,7 +14,7 @@ import paddle
 import paddle.distributed as dist
 
 __all__ = ["init_distributed", "is_distributed", "get_rank", "get_world_size", "get_local_world_size",
-           "is_main_process", "barrier", "all_reduce_sum", "all_gather_object", "broadcast_object",
+           "is_main_process", "barrier", "wait_for_main", "all_reduce_sum", "all_gather_object", "broadcast_object",
            "wrap_model", "wrap_optimizer", "unwrap_model", "unwrap_optimizer"]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,24 @@ def is_main_process():
 def barrier():
     if is_distributed():
         dist.barrier()
+
+
+def wait_for_main(tag):
+    """Hold the other ranks until rank 0 reaches the call with the same `tag`; rank 0 goes on at once.
+
+    For after work only rank 0 does (writing checkpoints): it waits on the launcher's TCP store,
+    not a gloo collective, because gloo gives up after a fixed 30 s and would abort a healthy
+    run whose checkpoint takes longer to write. If rank 0 dies instead, the launcher stops the
+    waiting ranks."""
+    if not is_distributed():
+        return
+    from paddle.base import core
+    store = core.create_or_get_global_tcp_store()
+    key = f"plfusion/{tag}"
+    if is_main_process():
+        store.set(key, "1")
+    else:
+        store.wait(key)
 
 
 def all_reduce_sum(array):

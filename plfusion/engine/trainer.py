@@ -40,6 +40,11 @@ Failure behaviour: a non-finite loss (on any rank) stops the run before the upda
 error naming the step, and nothing is saved, so the last checkpoint stays the last good one.
 A fresh run refuses an output_dir that already holds checkpoints; `resume="auto"` continues
 the newest complete checkpoint there.
+Under `paddle.distributed.launch`, a rank that dies makes the launcher stop the others and
+exit non-zero, naming the rank ("Container rank N status failed ... code C"); checkpoints are
+written whole or not at all, so `--resume auto` continues from the last complete one. Ranks
+wait for rank 0's checkpoint writes on the launcher's store rather than in a gloo collective,
+which would give up after 30 s.
 """
 import contextlib
 import hashlib
@@ -82,6 +87,9 @@ BEST_METRICS = ("top1", "top5", "miou", "pixel_acc", "mean_acc")
 # Sections nothing in the engine reads: worth a warning, since settings there have no effect.
 UNUSED_HERE = ("log", "checkpoint", "metric", "distributed")
 EVAL_KEYS = ("save_predictions",)
+# "RANK:STEP": that rank exits at once with status 3 just before update STEP, like a process the
+# OOM killer takes; the distributed failure tests set it to check that the other ranks stop too.
+DIE_ENV = "PLFUSION_DIE_AT"
 
 
 class TrainingDiverged(RuntimeError):
@@ -194,6 +202,13 @@ def scale_lr_by_batch(sched_cfg, global_batch, where="lr_scheduler"):
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             sched[key] = float(value) * factor
     return sched, factor
+
+
+def _maybe_die(rank, step):
+    spec = os.environ.get(DIE_ENV)
+    if spec and spec == f"{rank}:{step}":
+        logging.shutdown()
+        os._exit(3)
 
 
 def extra_losses(model):
@@ -636,6 +651,7 @@ class Trainer:
                     group = [next(batches) for _ in range(self.accum)]
                     reader_cost = time.time() - t0
                     lr = self.optimizer.get_lr()
+                    _maybe_die(self.rank, self.global_step + 1)
                     loss, parts, samples, grad_norm = self._train_step(group)
                     self.global_step += 1
                     self.step_in_epoch += 1
@@ -687,8 +703,10 @@ class Trainer:
             self._update_best()
             if final:
                 self._save_predictions()
+            D.wait_for_main(f"evaluated-{self.global_step}")
         if self._due(opts["save_interval"], epoch_end, final):
             self._save(final=final, epoch_end=epoch_end)
+            D.wait_for_main(f"saved-{self.global_step}")
 
     def _update_best(self):
         metrics = self.last_metrics
