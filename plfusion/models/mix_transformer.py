@@ -16,7 +16,8 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..registry import BACKBONES, NonNegativeInt, PositiveFloats, PositiveInt, PositiveInts, Rate
-from .layers import DropPath, LayerNorm, check_input, drop_path_rates, stage_indices, trunc_normal_, zeros_
+from .layers import (DropPath, LayerNorm, check_input, drop_path_rates, init_transformer_weights, stage_indices,
+                     zeros_)
 from .pretrained import PretrainedMixin
 
 __all__ = ["MixVisionTransformer", "OverlapPatchEmbed", "EfficientAttention", "MixFFN", "DWConv", "MiTBlock",
@@ -30,15 +31,9 @@ PATCH_EMBEDS = ((7, 4), (3, 2), (3, 2), (3, 2))
 
 
 def init_mit_weights(layer):
-    """SegFormer's init: trunc-normal(0.02) Linear, unit LayerNorm, He-normal (fan-out) convs, zero biases."""
-    if isinstance(layer, nn.Linear):
-        trunc_normal_(layer.weight)
-        if layer.bias is not None:
-            zeros_(layer.bias)
-    elif isinstance(layer, nn.LayerNorm):
-        nn.initializer.Constant(1.0)(layer.weight)
-        zeros_(layer.bias)
-    elif isinstance(layer, nn.Conv2D):
+    """SegFormer's init: the transformer init for Linear/LayerNorm, He-normal (fan-out) convs, zero biases."""
+    init_transformer_weights(layer)
+    if isinstance(layer, nn.Conv2D):
         out_c, _, kh, kw = layer.weight.shape
         fan_out = kh * kw * out_c // layer._groups
         nn.initializer.Normal(0.0, math.sqrt(2.0 / fan_out))(layer.weight)
