@@ -117,6 +117,8 @@ def save_predictions(model, loader, count, out_dir, amp=None, alpha=0.6, min_wid
         if not hasattr(dataset, attr):
             raise ValueError(f"save_predictions: {type(dataset).__name__} has no '{attr}'; prediction pictures "
                              f"are for segmentation datasets")
+    if count == 0:
+        return []
     palette = np.asarray(dataset.palette)
     ignore = getattr(dataset, "ignore_index", 255)
     was_training = model.training
