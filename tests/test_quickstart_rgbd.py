@@ -1,20 +1,22 @@
 """The RGB-D quickstart: the demo config trains (shrunk) and leaves a checkpoint, VisualDL logs and
-prediction pictures whose tiles are the sample's own RGB and labels; evaluation writes them too; the
-quickstart table tool reads finished runs; the notebook runs headless."""
+prediction pictures whose tiles are the sample's own RGB and labels (single-modality runs: the last
+output blended into grey depth); evaluation writes them too; the quickstart table tool reads
+finished runs; the notebook runs headless."""
 import json
 import os
 
 import cv2
 import numpy as np
+import paddle
 import pytest
 
 from plfusion.config import get_config
-from plfusion.data.loader import build_dataset
+from plfusion.data.loader import build_dataloader, build_dataset
 from plfusion.engine.cli import train_main
-from plfusion.engine.predictions import display_inputs
+from plfusion.engine.predictions import display_inputs, save_predictions
 from plfusion.engine.trainer import validate_eval_options
 from plfusion.registry import ConfigError
-from plfusion.utils.visualize import colorize
+from plfusion.utils.visualize import colorize, overlay
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "quickstart", "geminifusion_mit_b0_synthetic.yaml")
@@ -77,6 +79,39 @@ def test_prediction_picture_tiles_are_the_sample(demo_run):
     assert np.abs(shown["rgb"].astype(int) - rgb_u8.astype(int)).max() <= 1
     # the prediction tile is the RGB with class colours blended in: it differs from the RGB tile
     assert not np.array_equal(tile(3), tile(0))
+
+
+class _FixedLogits(paddle.nn.Layer):
+    """A stand-in fused model: [class 1 everywhere, class 0 everywhere] at 1/4 resolution."""
+
+    def forward(self, inputs):
+        x = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
+        b, _, h, w = x.shape
+        one = paddle.zeros([b, 6, h // 4, w // 4]).index_fill(paddle.to_tensor([1]), 1, 5.0)
+        zero = paddle.zeros([b, 6, h // 4, w // 4]).index_fill(paddle.to_tensor([0]), 1, 5.0)
+        return [one, zero]
+
+
+def test_depth_only_pictures_blend_the_last_output_into_grey_depth(tmp_path):
+    loader = build_dataloader({"dataset": {"name": "SyntheticRGBD", "num_samples": 3, "image_size": [H, W],
+                                           "split": "val", "modalities": ["depth"]},
+                               "sampler": {"batch_size": 2}}, "val", seed=0)
+    model = _FixedLogits()
+    model.train()
+    paths = save_predictions(model, loader, 3, str(tmp_path / "pics"))
+    assert [os.path.basename(p) for p in paths] == ["val_0000.png", "val_0001.png", "val_0002.png"]
+    assert model.training                        # put back the way it was found
+    sheet = read_rgb(paths[2])
+    f = -(-180 // W)
+    th, tw, gap, strip = H * f, W * f, 4, 24
+    assert sheet.shape[1] == 3 * tw + 2 * gap    # depth | ground truth | prediction
+    inputs, label = loader.dataset[2]
+    depth = display_inputs(loader.dataset, inputs)["depth"]
+    grey = cv2.cvtColor(cv2.cvtColor(depth, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    expected = overlay(grey, np.zeros((H, W), np.int64), loader.dataset.palette, 0.6)   # all "wall"
+    tile = sheet[strip:strip + th, 2 * (tw + gap):2 * (tw + gap) + tw]
+    np.testing.assert_array_equal(tile, cv2.resize(expected, (tw, th), interpolation=cv2.INTER_NEAREST))
+    assert save_predictions(model, loader, 0, str(tmp_path / "none")) == []
 
 
 def test_evaluation_writes_predictions_too(demo_run, tmp_path):

@@ -9,8 +9,8 @@ when the config asks for some, on rank 0 only:
 
 Inputs reach the model normalised; for the pictures they are mapped back with the statistics of
 the dataset's own `Normalize` step. The prediction is the model's last output (the ensemble of a
-fused model), resized to the label, blended over the RGB image (over the depth picture when
-there is no RGB input). Ignored ground-truth pixels are black.
+fused model), resized to the label, blended over the RGB image (over a grey rendering of the depth
+picture when there is no RGB input). Ignored ground-truth pixels are black.
 """
 import logging
 import os
@@ -144,7 +144,11 @@ def save_predictions(model, loader, count, out_dir, amp=None, alpha=0.6, min_wid
                     break
                 shown = display_inputs(dataset, [s[b] for s in streams])
                 pred, label = preds[b], labels[b]
-                base = shown.get("rgb", next(iter(shown.values())))
+                if "rgb" in shown:
+                    base = shown["rgb"]
+                else:   # class colours blended into a colour-mapped depth are unreadable: blend into grey
+                    grey = cv2.cvtColor(next(iter(shown.values())), cv2.COLOR_RGB2GRAY)
+                    base = cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
                 valid = label != ignore
                 acc = 100.0 * float((pred[valid] == label[valid]).mean()) if valid.any() else float("nan")
                 images = list(shown.values()) + [colorize(label, palette, ignore), overlay(base, pred, palette, alpha)]
