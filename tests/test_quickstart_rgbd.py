@@ -157,16 +157,18 @@ def test_notebook_runs(tmp_path):
     nbclient = pytest.importorskip("nbclient")
     path = os.path.join(ROOT, "notebooks", "rgbd_fusion.ipynb")
     nb = nbformat.read(path, as_version=4)
-    old = os.environ.get("PLFUSION_NB_FAST")
-    os.environ["PLFUSION_NB_FAST"] = "1"
+    env = {"PLFUSION_NB_FAST": "1", "PLFUSION_NB_OUTPUT": str(tmp_path / "nb")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
                                 resources={"metadata": {"path": os.path.dirname(path)}}).execute()
     finally:
-        if old is None:
-            os.environ.pop("PLFUSION_NB_FAST", None)
-        else:
-            os.environ["PLFUSION_NB_FAST"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "fast=True" in text and "after 3 updates: mIoU" in text and "mIoU per output: rgb" in text
     assert "resolved config" not in text
@@ -174,3 +176,5 @@ def test_notebook_runs(tmp_path):
         assert f"  {name}" in text
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2   # a training scene and one prediction picture
+    assert os.listdir(tmp_path / "nb" / "notebook_predictions") == ["val_0000.png"]
+    assert "iter_0000003.pdparams" in os.listdir(tmp_path / "nb" / "checkpoints")
