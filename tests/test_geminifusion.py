@@ -1,7 +1,6 @@
 """GeminiFusion patch: the 2-key pixel attention against numpy, the vectorised fusion against a
 per-sample loop, placement in MiT and Swin, weights kept in place, M = 3, official checkpoints,
 errors, parameter counts and MACs."""
-import contextlib
 import math
 import re
 
@@ -17,6 +16,7 @@ from plfusion.patches import geminifusion
 from plfusion.patches.geminifusion import PixelCrossAttention
 from plfusion.patches.multimodal import ModalityLayerNorm
 from plfusion.utils.flops import count_flops
+from conftest import shape_only_linears
 
 HEAD = {"name": "SegFormerHead", "num_classes": 5, "embed_dim": 32}
 SEG_B0 = {"name": "Segmentor", "architecture": {"name": "mit_b0"}, "head": HEAD}
@@ -294,16 +294,6 @@ def test_parameter_counts(arch, millions):
     assert round(_count(seg) / 1e6, digits) == millions
 
 
-@contextlib.contextmanager
-def shape_only_linears():
-    """MAC counts depend on shapes only: Linear layers return zeros of their output shape
-    (the counting hook still sees them), so a 480x640 count runs in seconds on a CPU."""
-    forward = nn.Linear.forward
-    nn.Linear.forward = lambda self, x: paddle.zeros(list(x.shape[:-1]) + [self.weight.shape[1]], x.dtype)
-    try:
-        yield
-    finally:
-        nn.Linear.forward = forward
 
 
 def test_fusion_macs_and_mit_b3_at_480x640():

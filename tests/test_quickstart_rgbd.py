@@ -17,6 +17,7 @@ from plfusion.engine.predictions import display_inputs, save_predictions
 from plfusion.engine.trainer import validate_eval_options
 from plfusion.registry import ConfigError
 from plfusion.utils.visualize import colorize, overlay
+from conftest import run_notebook
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "quickstart", "geminifusion_mit_b0_synthetic.yaml")
@@ -153,28 +154,12 @@ def test_quickstart_table_reads_finished_runs(demo_run, tmp_path, capsys):
 
 
 def test_notebook_runs(tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    path = os.path.join(ROOT, "notebooks", "rgbd_fusion.ipynb")
-    nb = nbformat.read(path, as_version=4)
-    env = {"PLFUSION_NB_FAST": "1", "PLFUSION_NB_OUTPUT": str(tmp_path / "nb")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
-                                resources={"metadata": {"path": os.path.dirname(path)}}).execute()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    _, text, images = run_notebook("rgbd_fusion.ipynb",
+                                   {"PLFUSION_NB_FAST": "1", "PLFUSION_NB_OUTPUT": str(tmp_path / "nb")})
     assert "fast=True" in text and "after 3 updates: mIoU" in text and "mIoU per output: rgb" in text
     assert "resolved config" not in text
     for name in ("wall", "floor", "box", "poster", "red_object", "blue_object"):
         assert f"  {name}" in text
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2   # a training scene and one prediction picture
     assert os.listdir(tmp_path / "nb" / "notebook_predictions") == ["val_0000.png"]
     assert "iter_0000003.pdparams" in os.listdir(tmp_path / "nb" / "checkpoints")

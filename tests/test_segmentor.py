@@ -1,11 +1,9 @@
 """SegFormerHead against numpy, the Segmentor's single- and multi-modal behaviour, its loss output
 format, input checks, the config usage of the design, and the unimodal MACs at 480x640."""
-import contextlib
 import os
 
 import numpy as np
 import paddle
-import paddle.nn as nn
 import pytest
 
 from plfusion.config import get_config
@@ -13,6 +11,7 @@ from plfusion.losses import CrossEntropyLoss
 from plfusion.models import build_head, build_model
 from plfusion.models.heads import SegFormerHead
 from plfusion.utils.flops import count_flops
+from conftest import shape_only_linears
 
 MIT_B0 = {"name": "Segmentor", "architecture": {"name": "mit_b0"},
           "head": {"name": "SegFormerHead", "num_classes": 5, "embed_dim": 32}}
@@ -182,16 +181,6 @@ def test_checkpoint_layouts(tmp_path):
     np.testing.assert_array_equal(dst(x).numpy(), src(x).numpy())
 
 
-@contextlib.contextmanager
-def shape_only_linears():
-    """MAC counts depend on shapes only: Linear layers return zeros of their output shape
-    (the counting hook still sees them), so a 480x640 count runs in seconds on a CPU."""
-    forward = nn.Linear.forward
-    nn.Linear.forward = lambda self, x: paddle.zeros(list(x.shape[:-1]) + [self.weight.shape[1]], x.dtype)
-    try:
-        yield
-    finally:
-        nn.Linear.forward = forward
 
 
 def test_unimodal_mit_b3_macs_at_480x640():

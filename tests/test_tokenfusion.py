@@ -1,6 +1,5 @@
 """TokenFusion patch: token exchange at the threshold, the sparsity term, weights kept in place,
 M = 3, official checkpoints, errors, parameter count and MACs."""
-import contextlib
 import re
 
 import numpy as np
@@ -15,6 +14,7 @@ from plfusion.patches import tokenfusion
 from plfusion.patches.multimodal import ModalityLayerNorm
 from plfusion.patches.tokenfusion import exchange_tokens
 from plfusion.utils.flops import count_flops
+from conftest import shape_only_linears
 
 SEG_B0 = {"name": "Segmentor", "architecture": {"name": "mit_b0"},
           "head": {"name": "SegFormerHead", "num_classes": 5, "embed_dim": 32}}
@@ -251,16 +251,6 @@ def test_mit_b3_parameter_count():
     assert round(_count(seg) / 1e6, 2) == 45.92          # REFERENCE, 40-class head
 
 
-@contextlib.contextmanager
-def shape_only_linears():
-    """MAC counts depend on shapes only: Linear layers return zeros of their output shape
-    (the counting hook still sees them), so a 480x640 count runs in seconds on a CPU."""
-    forward = nn.Linear.forward
-    nn.Linear.forward = lambda self, x: paddle.zeros(list(x.shape[:-1]) + [self.weight.shape[1]], x.dtype)
-    try:
-        yield
-    finally:
-        nn.Linear.forward = forward
 
 
 def test_score_net_macs_and_mit_b3_at_480x640():

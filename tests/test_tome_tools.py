@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_notebook
 from plfusion.models import create_model
 from plfusion.patches import tome
 from plfusion.patches.tome.vis import demo_image, make_visualization
@@ -132,23 +132,7 @@ def test_visualize_tool_writes_one_sheet(tmp_path, capsys):
 
 
 def test_notebook_runs(tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    path = os.path.join(ROOT, "notebooks", "tome_vit.ipynb")
-    nb = nbformat.read(path, as_version=4)
-    env = {"PLFUSION_NB_MODEL": "vit_tiny_patch16_224", "PLFUSION_NB_FAST": "1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
-                                resources={"metadata": {"path": os.path.dirname(path)}}).execute()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    _, text, images = run_notebook("tome_vit.ipynb", {"PLFUSION_NB_MODEL": "vit_tiny_patch16_224",
+                                                      "PLFUSION_NB_FAST": "1"})
     assert "RANDOM weights" in text and "images/s" in text and "synthetic scene" in text
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2   # the speed chart and the merge maps
