@@ -4,6 +4,7 @@
         --batch-size 8 --threads 2 [--iters 10] [--warmup 2] [--json out.json]
     plfusion-benchmark -c configs/geminifusion/nyudv2_mit_b3.yaml -o model.architecture.name=mit_b0 \\
         --engine dygraph inference --batch-size 1            (480x640 from the config's val Resize)
+    plfusion-benchmark -c configs/quickstart/geminifusion_mit_b0_synthetic.yaml --train --threads 2
 
 (also `python tools/benchmark.py`). Engines: `dygraph` runs the model eagerly; `inference`
 exports it (plfusion.export, checked against dygraph) and runs it with Paddle Inference, as
@@ -46,7 +47,12 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=10, help="timed rounds (each runs every setting once)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--train", action="store_true",
+                   help="with -c: training throughput instead: the train loader's samples/s against full "
+                        "training updates' samples/s (is the loader fast enough?)")
     args = p.parse_args(argv)
+    if args.train and not args.config:
+        p.error("--train needs -c/--config (its dataloader.train, optimizer and loss are used)")
     if args.override and not args.config:
         p.error("-o/--override needs -c/--config")
     if not args.config and not args.model:
@@ -84,10 +90,32 @@ def _settings(args, r_values):
     return out
 
 
+def train_main(args, threads):
+    """--train: the config's train loader against its training updates, side by side."""
+    from .config import get_config
+    from .engine.throughput import training_throughput
+    cfg = get_config(args.config, args.override)
+    with tempfile.TemporaryDirectory(prefix="plfusion_bench_train_") as tmp:
+        cfg.output_dir = tmp                # the engine logs there; nothing of it is kept
+        res = training_throughput(cfg, steps=args.iters, warmup=args.warmup)
+    print(f"training throughput of {args.config}: per-process batch {res['batch_size']}, threads {threads}, "
+          f"{res['steps']} timed updates (median)")
+    print(f"  data loader   {res['loader_ips']:9.1f} samples/s  ({res['loader_samples']} samples, its own workers)")
+    print(f"  training      {res['train_ips']:9.1f} samples/s  (forward + loss + backward + optimizer step)")
+    verdict = "the loader keeps up" if res["ratio"] >= 1 else "the LOADER is the bottleneck"
+    print(f"  loader/train  {res['ratio']:9.2f}x  -> {verdict}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**res, "threads": threads, "config": args.config}, f, indent=2)
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     from .utils.cpu import configure_cpu
     cpu = configure_cpu(args.threads)   # first: MKL reads its kernel choice at its first call
+    if args.train:
+        return train_main(args, cpu["threads"])
     import numpy as np
     import paddle
     from .export import DynamicBatchError, build_model_from_args, export_model, input_layout, input_specs
