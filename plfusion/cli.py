@@ -6,7 +6,7 @@ input (a config, file or argument that cannot be used; the message names it).
 """
 import sys
 
-__all__ = ["export_main", "benchmark_main", "user_errors"]
+__all__ = ["export_main", "benchmark_main", "user_errors", "run_cli"]
 
 
 def user_errors():
@@ -14,6 +14,16 @@ def user_errors():
     from .inference import DeployError
     from .registry import ConfigError
     return (ConfigError, DeployError, ValueError, TypeError, KeyError, FileNotFoundError)
+
+
+def run_cli(main, argv=None):
+    """Run a tool's main(argv), reporting bad input as `error: ...` with exit status 2."""
+    try:
+        main(argv)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def export_main(argv=None):
@@ -33,9 +43,4 @@ def export_main(argv=None):
 def benchmark_main(argv=None):
     """plfusion-benchmark: see plfusion.benchmark_cli."""
     from .benchmark_cli import main
-    try:
-        main(argv)
-    except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, argv)

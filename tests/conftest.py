@@ -41,6 +41,21 @@ def shape_only_linears():
         nn.Linear.forward = forward
 
 
+def assert_norms_split(before, after, num_modalities=2):
+    """Every tensor of `before` is unchanged in `after`, or was split into per-modality copies
+    `<stem>.ln_<i>.<leaf>` equal to it; returns how many tensors were split."""
+    split = 0
+    for k, v in before.items():
+        if k in after:
+            np.testing.assert_array_equal(after[k].numpy(), v, err_msg=k)
+        else:
+            stem, leaf = k.rsplit(".", 1)
+            for i in range(num_modalities):
+                np.testing.assert_array_equal(after[f"{stem}.ln_{i}.{leaf}"].numpy(), v, err_msg=k)
+            split += 1
+    return split
+
+
 def run_notebook(name, env, timeout=120):
     """Execute notebooks/<name> headless with extra environment variables; returns (notebook,
     all text output, image outputs)."""

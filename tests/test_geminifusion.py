@@ -16,7 +16,7 @@ from plfusion.patches import geminifusion
 from plfusion.patches.geminifusion import PixelCrossAttention
 from plfusion.patches.multimodal import ModalityLayerNorm
 from plfusion.utils.flops import count_flops
-from conftest import shape_only_linears
+from conftest import assert_norms_split, shape_only_linears
 
 HEAD = {"name": "SegFormerHead", "num_classes": 5, "embed_dim": 32}
 SEG_B0 = {"name": "Segmentor", "architecture": {"name": "mit_b0"}, "head": HEAD}
@@ -153,17 +153,7 @@ def test_patch_in_place_keeps_weights_and_zero_fusion_reproduces_the_unimodal_mo
         ref = [seg(rgb).numpy(), seg(depth).numpy()]
 
     geminifusion.apply_patch(seg, norm_eps=None)
-    after = seg.state_dict()
-    split = 0
-    for k, v in before.items():
-        if k in after:
-            np.testing.assert_array_equal(after[k].numpy(), v, err_msg=k)
-        else:
-            stem, leaf = k.rsplit(".", 1)
-            for i in range(2):
-                np.testing.assert_array_equal(after[f"{stem}.ln_{i}.{leaf}"].numpy(), v, err_msg=k)
-            split += 1
-    assert split == 2 * per_modality_norms
+    assert assert_norms_split(before, seg.state_dict()) == 2 * per_modality_norms
     if cfg is SEG_SWIN:   # Swin: in-block and patch-merging norms stay shared
         names = sorted(n for n, layer in seg.backbone.named_sublayers() if isinstance(layer, ModalityLayerNorm))
         assert names == ["norm0", "norm1", "norm2", "norm3", "patch_embed.norm"]

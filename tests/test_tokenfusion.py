@@ -14,7 +14,7 @@ from plfusion.patches import tokenfusion
 from plfusion.patches.multimodal import ModalityLayerNorm
 from plfusion.patches.tokenfusion import exchange_tokens
 from plfusion.utils.flops import count_flops
-from conftest import shape_only_linears
+from conftest import assert_norms_split, shape_only_linears
 
 SEG_B0 = {"name": "Segmentor", "architecture": {"name": "mit_b0"},
           "head": {"name": "SegFormerHead", "num_classes": 5, "embed_dim": 32}}
@@ -123,17 +123,7 @@ def test_patch_in_place_keeps_weights_and_unit_masks_reproduce_the_unimodal_mode
         ref = [seg(rgb).numpy(), seg(depth).numpy()]
 
     tokenfusion.apply_patch(seg, norm_eps=None)
-    after = seg.state_dict()
-    norms = 0
-    for k, v in before.items():
-        if k in after:
-            np.testing.assert_array_equal(after[k].numpy(), v, err_msg=k)
-        else:
-            stem, leaf = k.rsplit(".", 1)
-            for i in range(2):
-                np.testing.assert_array_equal(after[f"{stem}.ln_{i}.{leaf}"].numpy(), v, err_msg=k)
-            norms += 1
-    assert norms == 2 * 30                      # every LayerNorm of mit_b0 (weight and bias)
+    assert assert_norms_split(before, seg.state_dict()) == 2 * 30                      # every LayerNorm of mit_b0 (weight and bias)
     assert sum(isinstance(layer, ModalityLayerNorm) for layer in seg.sublayers()) == 30
 
     _fix_scores(seg.backbone, [[30.0, -30.0], [30.0, -30.0]])   # m == 1: no scaling, no exchange

@@ -141,13 +141,8 @@ def main(argv=None):
 
 def run(argv=None):
     """main() with bad input reported as `error: ...` and exit status 2."""
-    from plfusion.cli import user_errors
-    try:
-        main(argv)
-    except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from plfusion.cli import run_cli
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":
