@@ -28,6 +28,7 @@ setup(
             "plfusion-eval=plfusion.engine.cli:eval_main",
             "plfusion-export=plfusion.cli:export_main",
             "plfusion-benchmark=plfusion.cli:benchmark_main",
+            "plfusion-launch=plfusion.launch:main",
         ],
     },
 )

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import zipfile
 
+import json
+
 import numpy as np
 import paddle
 import pytest
@@ -333,3 +335,28 @@ def test_patched_segmentor_is_unchanged_after_a_mismatched_load(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="b1.pdparams does not fit Segmentor"):
         seg.load_pretrained(str(path))
     assert_unchanged(seg, before)
+
+
+@pytest.mark.parametrize("damage", ["being_written", "latest_points_at_missing"])
+def test_eval_of_a_partly_written_run_takes_the_newest_complete_checkpoint(tmp_path, damage, capsys):
+    from plfusion.engine import Trainer
+    from plfusion.engine.cli import eval_main
+    from test_engine_train import make_cfg
+    cfg, path = make_cfg(tmp_path, "partial", iters=4, train={"eval_interval": 0, "save_interval": 2, "keep_last": 0})
+    Trainer(cfg).train()
+    ckpt = os.path.join(cfg.output_dir, "checkpoints")
+    if damage == "being_written":     # a save of step 4 killed half-way: weights on disk, JSON not yet
+        os.remove(os.path.join(ckpt, "iter_0000004.json"))
+        os.rename(os.path.join(ckpt, "iter_0000004.pdopt"), os.path.join(ckpt, "iter_0000004.pdopt.tmp-999999"))
+    else:
+        with open(os.path.join(ckpt, "latest.json"), "w") as f:
+            json.dump({"name": "iter_0000009", "global_step": 9}, f)
+    capsys.readouterr()
+    assert eval_main(["-c", path, "--resume", cfg.output_dir, "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    newest = "iter_0000002" if damage == "being_written" else "iter_0000004"
+    pointed = "iter_0000004" if damage == "being_written" else "iter_0000009"
+    assert f"points at an incomplete or missing checkpoint ({pointed}); the newest complete one is {newest}" in text
+    assert f"evaluating checkpoint {os.path.join(ckpt, newest)} (step {newest[-1]})" in text
+    result = json.load(open(os.path.join(cfg.output_dir, "eval_results.json")))
+    assert result["weights"] == os.path.join(ckpt, newest)

@@ -58,6 +58,10 @@ class ClassificationDataset(paddle.io.Dataset):
     def __len__(self):
         return len(self.samples)
 
+    def sample_source(self, index):
+        """Where sample `index` comes from, for error messages."""
+        return self.samples[index][0]
+
     def __getitem__(self, index):
         n = len(self.samples)
         if not -n <= index < n:
@@ -169,6 +173,10 @@ class ImageNet(ClassificationDataset):
         super().__init__([(p, label) for p, label, _ in parsed], num_classes,
                          _class_names(class_names, num_classes, "ImageNet.class_names"), transforms, seed)
         self.root, self.split, self.list_file = root, split, list_file
+        self.list_lines = [lineno for _, _, lineno in parsed]
+
+    def sample_source(self, index):
+        return f"{self.list_file}:{self.list_lines[index]} ({self.samples[index][0]})"
         logger.info("ImageNet %s: %d images, %d classes from %s", split, len(self.samples), num_classes, list_file)
 
 

@@ -4,7 +4,12 @@
       train:
         dataset: {name: SyntheticImageNet, num_samples: 2000, ...}
         sampler: {batch_size: 8, shuffle: true, drop_last: true}     # batch size per process
-        loader: {num_workers: 2, use_shared_memory: false}
+        loader: {num_workers: 2, use_shared_memory: false, skip_corrupt: 0}
+
+A sample that cannot be loaded (a corrupt or missing file, a label map of the wrong size) stops
+the run with one `DataError` naming the section, the dataset, the list line and the files,
+with or without workers; `skip_corrupt: N` instead replaces up to N such samples by the next
+loadable one, logging each (plfusion.data.guard).
 
 Training batches come from `TrainBatchSampler`, a `paddle.io.DistributedBatchSampler` whose
 shuffle is seeded by (seed, epoch) rather than the epoch alone, and which can start an epoch
@@ -33,6 +38,7 @@ import paddle
 from paddle.io import DataLoader, DistributedBatchSampler
 
 from ..registry import DATASETS, ConfigError, did_you_mean  # importing plfusion.data registered the datasets
+from .guard import BatchGuard, GuardedCollate, GuardedDataset
 
 __all__ = ["build_dataloader", "build_dataset", "EpochLoader", "TrainBatchSampler", "ShardBatchSampler",
            "SECTION_KEYS", "SAMPLER_KEYS", "LOADER_KEYS"]
@@ -41,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 SECTION_KEYS = ("dataset", "sampler", "loader")
 SAMPLER_KEYS = ("batch_size", "shuffle", "drop_last")
-LOADER_KEYS = ("num_workers", "use_shared_memory", "prefetch_factor")
+LOADER_KEYS = ("num_workers", "use_shared_memory", "prefetch_factor", "skip_corrupt")
 
 
 class TrainBatchSampler(DistributedBatchSampler):
@@ -113,12 +119,13 @@ class WorkerInit:
 class EpochLoader:
     """A paddle DataLoader plus its sampler: `set_epoch(epoch, start_batch)` before each pass."""
 
-    def __init__(self, loader, batch_sampler, worker_init, mode):
+    def __init__(self, loader, batch_sampler, worker_init, mode, dataset, guard):
         self.loader = loader
         self.batch_sampler = batch_sampler
         self.worker_init = worker_init
-        self.dataset = loader.dataset
+        self.dataset = dataset
         self.mode = mode
+        self.guard = guard
 
     @property
     def batch_size(self):
@@ -141,7 +148,7 @@ class EpochLoader:
         state = np.random.get_state()
         it = iter(self.loader)
         np.random.set_state(state)
-        return it
+        return (self.guard.check(batch) for batch in it)
 
 
 def _check(value, where, kind, minimum=None):
@@ -190,6 +197,7 @@ def validate_section(section_cfg, mode, where):
     loader["use_shared_memory"] = _check(loader.get("use_shared_memory", False),
                                          f"{where}.loader.use_shared_memory", "bool")
     loader["prefetch_factor"] = _check(loader.get("prefetch_factor", 2), f"{where}.loader.prefetch_factor", "int", 1)
+    loader["skip_corrupt"] = _check(loader.get("skip_corrupt", 0), f"{where}.loader.skip_corrupt", "int", 0)
     return section["dataset"], sampler, loader
 
 
@@ -224,8 +232,9 @@ def build_dataloader(section_cfg, mode, seed, rank=0, world_size=1, where=None):
     else:
         sampler = ShardBatchSampler(len(dataset), bs, num_replicas=world_size, rank=rank)
     worker_init = WorkerInit(seed, rank)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=loader_cfg["num_workers"],
-                        use_shared_memory=loader_cfg["use_shared_memory"],
+    skip = loader_cfg["skip_corrupt"]
+    loader = DataLoader(GuardedDataset(dataset, f"{where}.dataset", skip), batch_sampler=sampler,
+                        num_workers=loader_cfg["num_workers"], use_shared_memory=loader_cfg["use_shared_memory"],
                         prefetch_factor=loader_cfg["prefetch_factor"], worker_init_fn=worker_init,
-                        return_list=True)
-    return EpochLoader(loader, sampler, worker_init, mode)
+                        collate_fn=GuardedCollate(), return_list=True)
+    return EpochLoader(loader, sampler, worker_init, mode, dataset, BatchGuard(where, skip))

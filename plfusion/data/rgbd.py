@@ -246,6 +246,12 @@ class RGBDListDataset(SegmentationDataset):
     def __len__(self):
         return len(self.samples)
 
+    def sample_source(self, index):
+        """Where sample `index` comes from, for error messages: the list line and its files."""
+        rec = self.samples[index]
+        files = ", ".join(rec[k] for k in ("rgb", "depth", "label") if k == "label" or k in self.modalities)
+        return f"{self.list_path}:{rec['line']} ({files})"
+
     def load(self, index):
         rec = self.samples[index]
         source = f"{rec['label']} ({self.list_path}:{rec['line']})"

@@ -312,7 +312,10 @@ class CheckpointManager:
                 name = None
             if name and checkpoint_state(self._prefix(name)) is not None:
                 return self._prefix(name)
-            logger.warning("%s points at an incomplete checkpoint (%s); scanning %s", pointer, name, self.directory)
+            found = self.complete()
+            logger.warning("%s points at an incomplete or missing checkpoint (%s); the newest complete one is %s",
+                           pointer, name, os.path.basename(found[-1][1]) if found else "none")
+            return found[-1][1] if found else None
         found = self.complete()
         return found[-1][1] if found else None
 

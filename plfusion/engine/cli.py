@@ -100,6 +100,7 @@ def _print_tome_table(rows, trainer, threads):
 
 def _run(args, eval_mode):
     from ..config import get_config
+    from ..data.image_io import DataError
     from ..models.pretrained import CheckpointMismatchError
     from .checkpoint import CheckpointNotFound
     from .trainer import OutputDirInUse, Trainer, TrainingDiverged
@@ -131,7 +132,7 @@ def _run(args, eval_mode):
             trainer = Trainer(cfg, mode="train")
             trainer.train(resume=args.resume, max_steps=getattr(args, "max_steps", None))
     except (ConfigError, OutputDirInUse, CheckpointNotFound, CheckpointMismatchError, TrainingDiverged,
-            FileNotFoundError) as e:
+            FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, TrainingDiverged) else 2
     return 0

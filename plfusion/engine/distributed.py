@@ -15,11 +15,15 @@ import paddle.distributed as dist
 
 __all__ = ["init_distributed", "is_distributed", "get_rank", "get_world_size", "get_local_world_size",
            "is_main_process", "barrier", "wait_for_main", "all_reduce_sum", "all_gather_object", "broadcast_object",
-           "wrap_model", "wrap_optimizer", "unwrap_model", "unwrap_optimizer"]
+           "wrap_model", "wrap_optimizer", "unwrap_model", "unwrap_optimizer", "batchnorm_buffer_names",
+           "average_across_ranks", "convert_sync_batchnorm", "tensor_digests", "READY_ENV"]
 
 logger = logging.getLogger(__name__)
 
 _state = {"initialized": False, "rank": 0, "world_size": 1}
+# Set by `plfusion.launch`: a file each process touches once every rank has joined, so the
+# launcher wrapper can tell a finished rendezvous from a node that never arrived.
+READY_ENV = "PLFUSION_LAUNCH_READY"
 
 
 def launched_world_size():
@@ -47,6 +51,10 @@ def init_distributed():
         backend = os.environ.get("PADDLE_DISTRI_BACKEND", "?")
         logger.info("data parallel: rank %d of %d (backend %s, device %s)", _state["rank"],
                     _state["world_size"], backend, paddle.device.get_device())
+        ready = os.environ.get(READY_ENV)
+        if ready:
+            with open(ready, "a", encoding="utf-8") as f:
+                f.write(f"{_state['rank']}\n")
     _state["initialized"] = True
     return _state["rank"], _state["world_size"]
 
@@ -155,3 +163,56 @@ def unwrap_optimizer(optimizer):
     while hasattr(optimizer, "_inner_opt"):
         optimizer = optimizer._inner_opt
     return optimizer
+
+
+# ------------------------------------------------------------------ BatchNorm under data parallelism
+
+_BN_TYPES = (paddle.nn.layer.norm._BatchNormBase, paddle.nn.BatchNorm)
+
+
+def batchnorm_buffer_names(model):
+    """State-dict names of the running statistics of every BatchNorm layer in `model`."""
+    names = []
+    for prefix, layer in model.named_sublayers(include_self=True):
+        if isinstance(layer, _BN_TYPES):
+            dot = f"{prefix}." if prefix else ""
+            names += [f"{dot}_mean", f"{dot}_variance"]
+    return names
+
+
+@paddle.no_grad()
+def average_across_ranks(tensors):
+    """Replace each floating tensor by its mean over the ranks, in place, with one collective.
+
+    Used for BatchNorm running statistics where SyncBatchNorm cannot run (CPU / gloo): every rank
+    then evaluates and saves the same model. Averaging (rather than taking rank 0's) keeps the
+    statistics of all ranks' data, as timm's `distribute_bn(reduce=True)` does."""
+    tensors = [t for t in tensors if paddle.is_floating_point(t)]
+    if not is_distributed() or not tensors:
+        return
+    flat = paddle.concat([t.astype("float32").reshape([-1]) for t in tensors])
+    dist.all_reduce(flat)
+    flat = flat / float(get_world_size())
+    offset = 0
+    for t in tensors:
+        n = int(np.prod(t.shape)) if t.shape else 1
+        paddle.assign(flat[offset:offset + n].reshape(t.shape).astype(t.dtype), t)
+        offset += n
+
+
+def convert_sync_batchnorm(model):
+    """(model, converted): BatchNorm layers become SyncBatchNorm when several GPU processes train.
+
+    SyncBatchNorm needs NCCL, so on CPU (gloo) the model is returned unchanged and the trainer
+    averages the running statistics instead."""
+    on_gpu = paddle.is_compiled_with_cuda() and paddle.device.get_device().startswith("gpu")
+    if not (is_distributed() and on_gpu) or not batchnorm_buffer_names(model):
+        return model, False
+    return paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model), True
+
+
+def tensor_digests(model):
+    """{state-dict name: sha256 of its bytes}: comparing them names the tensors that differ."""
+    import hashlib
+    return {name: hashlib.sha256(np.ascontiguousarray(value.numpy()).tobytes()).hexdigest()
+            for name, value in model.state_dict().items()}

@@ -90,6 +90,9 @@ EVAL_KEYS = ("save_predictions",)
 # "RANK:STEP": that rank exits at once with status 3 just before update STEP, like a process the
 # OOM killer takes; the distributed failure tests set it to check that the other ranks stop too.
 DIE_ENV = "PLFUSION_DIE_AT"
+# "RANK:STEP": that rank nudges one parameter after update STEP, so the tests can check that the
+# weight check at save stops a run whose replicas diverged.
+DIVERGE_ENV = "PLFUSION_DIVERGE_AT"
 
 
 class TrainingDiverged(RuntimeError):
@@ -211,6 +214,12 @@ def _maybe_die(rank, step):
         os._exit(3)
 
 
+def _maybe_diverge(rank, step, params):
+    if os.environ.get(DIVERGE_ENV) == f"{rank}:{step}" and params:
+        with paddle.no_grad():
+            params[0].set_value(params[0] + 1e-3)
+
+
 def extra_losses(model):
     """{name: scalar Tensor} from the innermost model's `extra_losses()`, or {}."""
     inner = D.unwrap_model(model)
@@ -256,13 +265,24 @@ def load_model_state(model, state, source):
                           for k in own})
 
 
-def weights_digest(model):
-    """sha256 over the model's parameters and buffers, in name order (identical weights <=> equal)."""
+def weights_digest(tensor_digests):
+    """One sha256 over the per-tensor digests of `distributed.tensor_digests` (equal <=> identical weights)."""
     h = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
+    for name, digest in sorted(tensor_digests.items()):
         h.update(name.encode())
-        h.update(np.ascontiguousarray(value.numpy()).tobytes())
+        h.update(digest.encode())
     return h.hexdigest()
+
+
+def check_ranks_agree(per_rank, step):
+    """Raise naming the tensors that differ when the ranks' {name: digest} maps are not identical."""
+    ref = per_rank[0]
+    differ = sorted(k for k in ref if any(d.get(k) != ref[k] for d in per_rank[1:]))
+    if differ:
+        ranks = [r for r, d in enumerate(per_rank) if any(d.get(k) != ref[k] for k in differ)]
+        raise RuntimeError(f"ranks hold different weights at step {step}: {len(differ)} tensor(s) of rank(s) {ranks} "
+                           f"differ from rank 0 ({', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}); the "
+                           f"gradient all-reduce did not keep the replicas in step, so this checkpoint is not written")
 
 
 def _jsonable(obj):
@@ -318,6 +338,9 @@ class Trainer:
         self._seed_all(self.seed)
         from ..models import build_model
         self.model = build_model(cfg.model)
+        self.sync_bn = False
+        if mode == "train":
+            self.model, self.sync_bn = self._setup_batchnorm(_bool(cfg.model.get("sync_bn", False), "model.sync_bn"))
         self.val_loader = self._build_loader("val") if "val" in (cfg.get("dataloader") or {}) else None
         self.evaluator = Evaluator(num_classes=self._num_classes(self.val_loader), ignore_index=self._ignore_index(),
                                    topk=self.train_opts["topk"],
@@ -417,6 +440,29 @@ class Trainer:
         self.ckpt = CheckpointManager(self.output_dir, keep_last=opts["keep_last"])
         if self.val_loader is None:
             logger.warning("no dataloader.val section: training runs without evaluation, so no best checkpoint")
+
+    def _setup_batchnorm(self, want_sync):
+        """(model, uses SyncBN). SyncBatchNorm on several GPUs when `model.sync_bn` asks for it;
+        otherwise every rank normalises with its own batch, and the running statistics are
+        averaged over the ranks before each evaluation and save (`_sync_batchnorm_stats`)."""
+        model = self.model
+        self.bn_names = D.batchnorm_buffer_names(model)
+        if not D.is_distributed() or not self.bn_names:
+            return model, False
+        if want_sync:
+            model, converted = D.convert_sync_batchnorm(model)
+            if converted:
+                logger.info("model.sync_bn: %d BatchNorm layer(s) use SyncBatchNorm (statistics over all %d ranks)",
+                            len(self.bn_names) // 2, self.world_size)
+                return model, True
+            logger.warning("model.sync_bn: SyncBatchNorm needs GPUs (NCCL) and this run uses %s; each rank normalises "
+                           "with its own batch, and BatchNorm running statistics are averaged over the ranks before "
+                           "every evaluation and save", paddle.device.get_device())
+        else:
+            logger.info("%d BatchNorm layer(s): each rank normalises with its own batch (model.sync_bn: false); running "
+                        "statistics are averaged over the ranks before every evaluation and save",
+                        len(self.bn_names) // 2)
+        return model, False
 
     def _build_teacher(self):
         """The DistillationLoss teacher from the `teacher` section: weights loaded, eval mode, frozen."""
@@ -654,6 +700,7 @@ class Trainer:
                     _maybe_die(self.rank, self.global_step + 1)
                     loss, parts, samples, grad_norm = self._train_step(group)
                     self.global_step += 1
+                    _maybe_diverge(self.rank, self.global_step, self.params)
                     self.step_in_epoch += 1
                     timer.update(reader_cost, time.time() - t0, samples)
                     self.history.append((self.global_step, loss))
@@ -667,6 +714,9 @@ class Trainer:
                 del batches
         finally:
             writer.close()
+        if self.train_loader.guard.skipped:
+            logger.warning("%d training sample(s) could not be loaded and were replaced (dataloader.train.loader."
+                           "skip_corrupt)", self.train_loader.guard.skipped)
         return {"global_step": self.global_step, "metrics": self.last_metrics, "best": self.best,
                 "history": self.history, "output_dir": self.output_dir}
 
@@ -695,7 +745,11 @@ class Trainer:
     def _maybe_eval_and_save(self, writer, epoch_end, stop_at):
         final = self.global_step >= stop_at
         opts = self.train_opts
-        if self.val_loader is not None and self._due(opts["eval_interval"], epoch_end, final):
+        do_eval = self.val_loader is not None and self._due(opts["eval_interval"], epoch_end, final)
+        do_save = self._due(opts["save_interval"], epoch_end, final)
+        if do_eval or do_save:
+            self._sync_batchnorm_stats()
+        if do_eval:
             self.last_metrics = self.evaluate_now()
             scalars = {f"eval/{k}": v for k, v in self.last_metrics.items() if isinstance(v, (int, float))
                        and k != "samples"}
@@ -704,9 +758,19 @@ class Trainer:
             if final:
                 self._save_predictions()
             D.wait_for_main(f"evaluated-{self.global_step}")
-        if self._due(opts["save_interval"], epoch_end, final):
+        if do_save:
             self._save(final=final, epoch_end=epoch_end)
             D.wait_for_main(f"saved-{self.global_step}")
+
+    def _sync_batchnorm_stats(self):
+        """Average BatchNorm running statistics (and their EMA) over the ranks unless SyncBN kept them equal."""
+        if not D.is_distributed() or self.sync_bn or not self.bn_names:
+            return
+        own = self.net.state_dict()
+        tensors = [own[n] for n in self.bn_names]
+        if self.ema is not None:
+            tensors += [self.ema.shadow[n] for n in self.bn_names]
+        D.average_across_ranks(tensors)
 
     def _update_best(self):
         metrics = self.last_metrics
@@ -730,9 +794,14 @@ class Trainer:
 
     def _save(self, final, epoch_end):
         rng = D.all_gather_object(capture_rng_state())
-        digests = D.all_gather_object(weights_digest(self.net)) if final and D.is_distributed() else None
-        if digests is not None and len(set(digests)) != 1:
-            raise RuntimeError(f"ranks hold different weights at step {self.global_step}: {digests}")
+        digests = rank_metrics = None
+        if D.is_distributed():   # every save: a checkpoint must be the one model all ranks hold
+            gathered = D.all_gather_object((D.tensor_digests(self.net), _jsonable(self.last_metrics)))
+            check_ranks_agree([g[0] for g in gathered], self.global_step)
+            digests = [weights_digest(g[0]) for g in gathered]
+            rank_metrics = [g[1] for g in gathered]
+            if any(m != rank_metrics[0] for m in rank_metrics[1:]):
+                raise RuntimeError(f"ranks evaluated to different metrics at step {self.global_step}: {rank_metrics}")
         if not self.is_main:
             return
         name = f"epoch_{self.epoch + 1}" if epoch_end and self.by_epoch else f"iter_{self.global_step:07d}"
@@ -744,6 +813,7 @@ class Trainer:
                  "best": dict(self.best), "metrics": _jsonable(self.last_metrics), "rng": rng, "run_id": self.run_id}
         if digests is not None:
             state["rank_weight_digests"] = digests
+            state["rank_metrics"] = rank_metrics
         self.ckpt.save(name, _state_numpy(self.net), optimizer_state(self.optimizer, self.net), state,
                        ema_state={k: v.numpy() for k, v in self.ema.state_dict().items()} if self.ema else None)
 
@@ -807,6 +877,8 @@ class Trainer:
                 weights = ck["ema"]
             load_model_state(self.model, weights, f"{prefix}{'.ema' if use_ema else ''}.pdparams")
             self.global_step = int(ck["state"].get("global_step", 0))
+            logger.info("evaluating checkpoint %s%s (step %d)", prefix, " EMA weights" if use_ema else "",
+                        self.global_step)
             return prefix
         report = self.model.load_pretrained(pretrained)
         unset = list(report.missing) + list(report.dropped)

@@ -79,18 +79,20 @@ def build_model(cfg):
 
     `name` picks a MODELS entry (default Classifier); `architecture`/`head` configure it;
     `architecture.pretrained` loads backbone weights before patches, `patches` are applied in
-    order, then `pretrained` loads whole-model weights.
+    order, then `pretrained` loads whole-model weights. `sync_bn` is read by the trainer
+    (SyncBatchNorm across GPU processes) and ignored here.
     """
     if not hasattr(cfg, "items"):
         raise ConfigError(f"model: expected a mapping with 'architecture' (and 'name', 'head', ...), got {cfg!r}")
     cfg = dict(copy.deepcopy(cfg))
     patches = cfg.pop("patches", None)
     pretrained = cfg.pop("pretrained", None)
+    cfg.pop("sync_bn", None)
     if "name" not in cfg:
         cfg["name"] = "Classifier"
     if cfg["name"] in MODELS:   # unknown keys, with `patches` and `pretrained` among the suggestions
         check_kwargs(MODELS.get(cfg["name"]), {k: v for k, v in cfg.items() if k != "name"}, "model",
-                     also=("patches", "pretrained"))
+                     also=("patches", "pretrained", "sync_bn"))
     model = MODELS.build(cfg, where="model")
     apply_patches(model, patches)
     _load_configured(model, pretrained, "model.pretrained")
