@@ -4,7 +4,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..registry import HEADS, PositiveInt, PositiveInts, Rate
-from .layers import trunc_normal_, zeros_
+from .layers import Linear, trunc_normal_, zeros_
 
 __all__ = ["LinearClsHead", "SegFormerHead"]
 
@@ -20,7 +20,7 @@ class LinearClsHead(nn.Layer):
                              f"got {in_channels} and {num_classes}")
         self.in_channels, self.num_classes = in_channels, num_classes
         self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(in_channels, num_classes)
+        self.fc = Linear(in_channels, num_classes)
         trunc_normal_(self.fc.weight)
         zeros_(self.fc.bias)
 
@@ -39,7 +39,7 @@ class _LinearEmbed(nn.Layer):
 
     def __init__(self, in_channels, embed_dim):
         super().__init__()
-        self.proj = nn.Linear(in_channels, embed_dim)
+        self.proj = Linear(in_channels, embed_dim)
 
     def forward(self, x):
         return self.proj(x.flatten(2).transpose([0, 2, 1]))
@@ -93,16 +93,37 @@ class SegFormerHead(nn.Layer):
             got = f"a list of {len(feats)}" if isinstance(feats, (list, tuple)) else type(feats).__name__
             raise ValueError(f"SegFormerHead: expected a list of {len(self.in_channels)} feature maps "
                              f"(channels {self.in_channels}), got {got}")
+        # linear_c{i} and linear_fuse's 1x1 conv are per-pixel linear maps, and bilinear resizing
+        # (weights summing to 1) commutes with them: each map is projected straight to the fused
+        # space at its own resolution with the composed weight, resized, and summed. Same function
+        # as concat -> linear_fuse, without the 4*embed_dim-channel tensor at stride 4.
+        n, dim = len(feats), self.embed_dim
+        fuse = self.linear_fuse.conv.weight.reshape([dim, n * dim])
         size = feats[0].shape[2:]
-        embedded = []
+        out, bias = None, None
         for i, x in enumerate(feats):
             if x.ndim != 4 or x.shape[1] != self.in_channels[i]:
                 raise ValueError(f"SegFormerHead: feature map {i} should be [B, {self.in_channels[i]}, h, w], "
                                  f"got {list(x.shape)}")
-            B, _, h, w = x.shape
-            e = getattr(self, f"linear_c{i + 1}")(x).transpose([0, 2, 1]).reshape([B, self.embed_dim, h, w])
+            proj = getattr(self, f"linear_c{i + 1}").proj
+            block = fuse[:, (n - 1 - i) * dim:(n - i) * dim]          # maps are concatenated deepest first
+            weight = paddle.matmul(block, proj.weight, transpose_y=True)   # [dim, C_i]
+            b = paddle.matmul(block, proj.bias.unsqueeze(-1)).squeeze(-1)
+            B, C, h, w = x.shape
+            y = paddle.matmul(weight, x.reshape([B, C, h * w])).reshape([B, dim, h, w])
             if i:
-                e = F.interpolate(e, size=size, mode="bilinear", align_corners=self.align_corners)
-            embedded.append(e)
-        x = self.linear_fuse(paddle.concat(embedded[::-1], axis=1))
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=self.align_corners)
+            out = y if out is None else out + y
+            bias = b if bias is None else bias + b
+        x = out + bias.reshape([1, dim, 1, 1])
+        x = self.linear_fuse.act(self.linear_fuse.bn(x))
         return self.linear_pred(self.dropout(x))
+
+    def flops_hook(self, inputs, output):
+        """Multiply-adds of SegFormer's formulation (per-map Linear, then the 1x1 fuse conv at stride 4),
+        the figure papers quote; the composed form above runs fewer. linear_pred counts itself."""
+        feats = inputs[0]
+        B, _, h1, w1 = feats[0].shape
+        dim = self.embed_dim
+        per_map = sum(int(f.shape[2]) * int(f.shape[3]) * c * dim for f, c in zip(feats, self.in_channels))
+        return B * (per_map + h1 * w1 * len(feats) * dim * dim)

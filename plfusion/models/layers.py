@@ -5,12 +5,46 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-__all__ = ["DropPath", "Mlp", "PatchEmbed", "Attention", "Block", "LayerNorm", "trunc_normal_", "zeros_", "ones_",
+__all__ = ["linear", "Linear", "qkv_scaled_q", "DropPath", "Mlp", "PatchEmbed", "Attention", "Block", "LayerNorm", "trunc_normal_", "zeros_", "ones_",
            "init_transformer_weights", "to_2tuple", "check_input", "drop_path_rates", "stage_indices"]
 
 trunc_normal_ = nn.initializer.TruncatedNormal(std=0.02)
 zeros_ = nn.initializer.Constant(0.0)
 ones_ = nn.initializer.Constant(1.0)
+
+
+def linear(x, weight, bias=None):
+    """x @ weight + bias with the bias added inside the GEMM (addmm) in dygraph on the CPU.
+
+    Paddle's CPU linear adds the bias in a separate broadcast pass that costs 2-3x the GEMM
+    itself; addmm writes it into the GEMM's output first (bit-identical results here). Traced
+    programs keep matmul + add, which Paddle Inference fuses."""
+    lead = x.shape[:-1]
+    if bias is None or not paddle.in_dynamic_mode() or not x.place.is_cpu_place() or -1 in lead:
+        return F.linear(x, weight, bias)
+    y = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
+    return y if len(lead) == 1 else y.reshape([*lead, y.shape[-1]])
+
+
+def qkv_scaled_q(x, layer, scale):
+    """A fused qkv Linear (q, k, v along the output) with q's output multiplied by `scale`.
+
+    The softmax scale rides on q's weights (a [C, C] multiply) instead of a pass over q or
+    over the [B, heads, N, N] scores."""
+    out = layer.weight.shape[1]
+    col = paddle.concat([paddle.full([out // 3], scale, layer.weight.dtype),
+                         paddle.ones([out - out // 3], layer.weight.dtype)])
+    return layer(x, col)
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed by `linear` (same parameters and names). `weight_scale` (a number, or one
+    factor per output) multiplies the output through the weights and bias, not a pass over it."""
+
+    def forward(self, x, weight_scale=None):
+        if weight_scale is None:
+            return linear(x, self.weight, self.bias)
+        return linear(x, self.weight * weight_scale, self.bias * weight_scale if self.bias is not None else None)
 
 
 def to_2tuple(x):
@@ -94,9 +128,9 @@ class Mlp(nn.Layer):
         super().__init__()
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features, bias_attr=None if bias else False)
+        self.fc1 = Linear(in_features, hidden_features, bias_attr=None if bias else False)
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features, bias_attr=None if bias else False)
+        self.fc2 = Linear(hidden_features, out_features, bias_attr=None if bias else False)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
@@ -145,20 +179,20 @@ class Attention(nn.Layer):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
+        self.qkv = Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def qkv_heads(self, x):
-        """[B, N, C] -> q, k, v each [B, heads, N, head_dim]."""
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
-        return qkv[0], qkv[1], qkv[2]
+        """[B, N, C] -> q (already scaled), k, v, each [B, heads, N, head_dim]."""
+        B, N, C = x.shape
+        qkv = qkv_scaled_q(x, self.qkv, self.scale).reshape([B, N, 3, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
+        return paddle.unbind(qkv, axis=0)   # unbind's backward is one stack; slices' build zeros
 
     def attend(self, q, k, v, bias=None):
-        """softmax(q k^T * scale + bias) v, merged back to [B, N, C] and projected."""
-        attn = paddle.matmul(q * self.scale, k, transpose_y=True)
+        """softmax(q k^T + bias) v for a scaled q, merged back to [B, N, C] and projected."""
+        attn = paddle.matmul(q, k, transpose_y=True)
         if bias is not None:
             attn = attn + bias
         attn = self.attn_drop(F.softmax(attn, axis=-1))

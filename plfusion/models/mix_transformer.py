@@ -16,7 +16,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..registry import BACKBONES, NonNegativeInt, PositiveFloats, PositiveInt, PositiveInts, Rate
-from .layers import (DropPath, LayerNorm, check_input, drop_path_rates, init_transformer_weights, stage_indices,
+from .layers import (DropPath, LayerNorm, Linear, check_input, drop_path_rates, init_transformer_weights, stage_indices,
                      zeros_)
 from .pretrained import PretrainedMixin
 
@@ -77,10 +77,10 @@ class MixFFN(nn.Layer):
 
     def __init__(self, in_features, hidden_features, drop=0.0):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.dwconv = DWConv(hidden_features)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x, H, W):
@@ -95,7 +95,7 @@ class EfficientAttention(nn.Layer):
       query(x)            -> q [B, heads, N, d]
       reduce(x, H, W)     -> the tokens k/v are computed from: sr conv + `norm`, or x when sr_ratio == 1
       key_value(x, H, W)  -> k, v [B, heads, N / sr_ratio^2, d]
-      attend(q, k, v)     -> softmax(q k^T * scale) v with heads merged: [B, N, C], BEFORE `proj`
+      attend(q, k, v)     -> softmax(q k^T) v (q carries the scale) with heads merged: [B, N, C], BEFORE `proj`
       project(x)          -> proj + dropout
     A fusion subclass overrides forward to mix modalities between `attend` and `project`.
     """
@@ -108,10 +108,10 @@ class EfficientAttention(nn.Layer):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = qk_scale or self.head_dim ** -0.5
-        self.q = nn.Linear(dim, dim, bias_attr=None if qkv_bias else False)
-        self.kv = nn.Linear(dim, dim * 2, bias_attr=None if qkv_bias else False)
+        self.q = Linear(dim, dim, bias_attr=None if qkv_bias else False)
+        self.kv = Linear(dim, dim * 2, bias_attr=None if qkv_bias else False)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.sr_ratio = sr_ratio
         if sr_ratio > 1:
@@ -119,8 +119,9 @@ class EfficientAttention(nn.Layer):
             self.norm = LayerNorm(dim, EMBED_EPS)
 
     def query(self, x):
+        """q, already multiplied by the softmax scale (on the [C, C] weights, not the scores)."""
         B, N, _ = x.shape
-        return self.q(x).reshape([B, N, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
+        return self.q(x, self.scale).reshape([B, N, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
 
     def reduce(self, x, H, W):
         if self.sr_ratio == 1:
@@ -133,10 +134,10 @@ class EfficientAttention(nn.Layer):
         x = self.reduce(x, H, W)
         B, M, _ = x.shape
         kv = self.kv(x).reshape([B, M, 2, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
-        return kv[0], kv[1]
+        return paddle.unbind(kv, axis=0)
 
     def attend(self, q, k, v):
-        attn = self.attn_drop(F.softmax(paddle.matmul(q, k, transpose_y=True) * self.scale, axis=-1))
+        attn = self.attn_drop(F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1))
         x = paddle.matmul(attn, v)
         B, _, N, _ = x.shape
         return x.transpose([0, 2, 1, 3]).reshape([B, N, self.dim])
@@ -245,7 +246,7 @@ class MixVisionTransformer(PretrainedMixin, nn.Layer):
                 for j in range(depths[i])]))
             setattr(self, f"norm{i + 1}", LayerNorm(embed_dims[i], BLOCK_EPS))
             cur += depths[i]
-        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else None
+        self.head = Linear(embed_dims[-1], num_classes) if num_classes > 0 else None
         self.apply(init_mit_weights)
 
     def stage_layers(self, i):

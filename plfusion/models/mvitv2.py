@@ -19,7 +19,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..registry import BACKBONES, ImageSize, NonNegativeInt, PositiveFloat, PositiveInt, PositiveInts, Rate
-from .layers import DropPath, LayerNorm, Mlp, check_input, drop_path_rates, init_transformer_weights, \
+from .layers import DropPath, LayerNorm, Linear, Mlp, check_input, drop_path_rates, init_transformer_weights, \
     stage_indices, to_2tuple, trunc_normal_
 from .pretrained import PretrainedMixin
 
@@ -76,8 +76,8 @@ class MultiScaleAttention(nn.Layer):
         self.scale = self.head_dim ** -0.5
         self.residual_pooling = residual_pooling
         self.stride_kv = to_2tuple(stride_kv)
-        self.qkv = nn.Linear(dim, dim_out * 3, bias_attr=None if qkv_bias else False)
-        self.proj = nn.Linear(dim_out, dim_out)
+        self.qkv = Linear(dim, dim_out * 3, bias_attr=None if qkv_bias else False)
+        self.proj = Linear(dim_out, dim_out)
         kernel, stride_q, stride_kv = to_2tuple(kernel), to_2tuple(stride_q), to_2tuple(stride_kv)
         pad = [k // 2 for k in kernel]
         hd = self.head_dim
@@ -126,9 +126,10 @@ class MultiScaleAttention(nn.Layer):
     def forward(self, x, hw):
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
-        q, q_hw = self._pool(qkv[0], self.pool_q, self.norm_q, hw)
-        k, k_hw = self._pool(qkv[1], self.pool_k, self.norm_k, hw)
-        v, _ = self._pool(qkv[2], self.pool_v, self.norm_v, hw)
+        q, k, v = paddle.unbind(qkv, axis=0)      # unbind's backward is one stack; slices' build zeros
+        q, q_hw = self._pool(q, self.pool_q, self.norm_q, hw)
+        k, k_hw = self._pool(k, self.pool_k, self.norm_k, hw)
+        v, _ = self._pool(v, self.pool_v, self.norm_v, hw)
         attn = paddle.matmul(q * self.scale, k, transpose_y=True)
         attn = F.softmax(self.add_rel_pos(attn, q, q_hw, k_hw), axis=-1)
         x = paddle.matmul(attn, v)
@@ -160,7 +161,7 @@ class MultiScaleBlock(nn.Layer):
         proj_needed = dim != dim_out
         att_dim = dim_out if expand_attn else dim
         self.norm1 = LayerNorm(dim, norm_eps)
-        self.shortcut_proj_attn = nn.Linear(dim, dim_out) if proj_needed and expand_attn else None
+        self.shortcut_proj_attn = Linear(dim, dim_out) if proj_needed and expand_attn else None
         if stride_q != (1, 1):
             k_skip = [s + 1 if s > 1 else s for s in stride_q]
             self.shortcut_pool_attn = nn.MaxPool2D(k_skip, stride_q, [k // 2 for k in k_skip])
@@ -170,7 +171,7 @@ class MultiScaleBlock(nn.Layer):
                                         norm_eps, residual_pooling)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = LayerNorm(att_dim, norm_eps)
-        self.shortcut_proj_mlp = nn.Linear(dim, dim_out) if proj_needed and not expand_attn else None
+        self.shortcut_proj_mlp = Linear(dim, dim_out) if proj_needed and not expand_attn else None
         self.mlp = Mlp(att_dim, int(att_dim * mlp_ratio), dim_out)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -210,7 +211,7 @@ class _ClsHead(nn.Layer):
     def __init__(self, dim, num_classes, drop=0.0):
         super().__init__()
         self.drop = nn.Dropout(drop)
-        self.fc = nn.Linear(dim, num_classes)
+        self.fc = Linear(dim, num_classes)
 
     def forward(self, x):
         return self.fc(self.drop(x))

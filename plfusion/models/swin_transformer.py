@@ -22,7 +22,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..registry import BACKBONES, ImageSize, NonNegativeInt, PositiveFloat, PositiveInt, PositiveInts, Rate
-from .layers import (DropPath, LayerNorm, Mlp, PatchEmbed, check_input, drop_path_rates,
+from .layers import (DropPath, LayerNorm, Linear, Mlp, qkv_scaled_q, PatchEmbed, check_input, drop_path_rates,
                      init_transformer_weights, stage_indices, to_2tuple, trunc_normal_)
 from .pretrained import PretrainedMixin, resize_rel_pos_table
 
@@ -89,9 +89,9 @@ class WindowAttention(nn.Layer):
         self.register_buffer("relative_position_index",
                              paddle.to_tensor(relative_position_index(self.window_size).reshape(-1)),
                              persistable=False)
-        self.qkv = nn.Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
+        self.qkv = Linear(dim, dim * 3, bias_attr=None if qkv_bias else False)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def relative_position_bias(self):
@@ -102,13 +102,17 @@ class WindowAttention(nn.Layer):
     def forward(self, x, mask=None):
         """x: [B * nW, N, C]; mask: [nW, N, N] or None."""
         B_, N, C = x.shape
-        qkv = self.qkv(x).reshape([B_, N, 3, self.num_heads, C // self.num_heads]).transpose([2, 0, 3, 1, 4])
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = paddle.matmul(q * self.scale, k, transpose_y=True) + self.relative_position_bias().unsqueeze(0)
-        if mask is not None:
+        qkv = qkv_scaled_q(x, self.qkv, self.scale).reshape([B_, N, 3, self.num_heads, C // self.num_heads])
+        q, k, v = paddle.unbind(qkv.transpose([2, 0, 3, 1, 4]), axis=0)
+        attn = paddle.matmul(q, k, transpose_y=True)
+        bias = self.relative_position_bias().astype(attn.dtype)
+        if mask is None:
+            attn = attn + bias.unsqueeze(0)
+        else:   # bias and mask summed on the small [nW, heads, N, N] first: one pass over the scores
             nW = mask.shape[0]
-            attn = attn.reshape([B_ // nW, nW, self.num_heads, N, N]) + mask.astype(attn.dtype).unsqueeze([0, 2])
-            attn = attn.reshape([B_, self.num_heads, N, N])
+            both = bias.unsqueeze(0) + mask.astype(attn.dtype).unsqueeze(1)
+            attn = (attn.reshape([B_ // nW, nW, self.num_heads, N, N]) + both.unsqueeze(0)).reshape(
+                [B_, self.num_heads, N, N])
         attn = self.attn_drop(F.softmax(attn, axis=-1))
         x = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([B_, N, C])
         return self.proj_drop(self.proj(x))
@@ -179,7 +183,7 @@ class PatchMerging(nn.Layer):
     def __init__(self, dim, norm_eps=1e-5):
         super().__init__()
         self.dim = dim
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias_attr=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias_attr=False)
         self.norm = LayerNorm(4 * dim, norm_eps)
 
     def forward(self, x, hw):
@@ -295,7 +299,7 @@ class SwinTransformer(PretrainedMixin, nn.Layer):
             self.norm, self.head = None, None
         else:
             self.norm = LayerNorm(self.num_features, norm_eps)
-            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_transformer_weights)
 
     def _check_resolution(self, i, res, window, last):

@@ -14,7 +14,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..registry import BACKBONES, ImageSize, NonNegativeInt, PositiveFloat, PositiveInt, Rate
-from .layers import LayerNorm, Mlp, check_input, init_transformer_weights, to_2tuple, trunc_normal_
+from .layers import LayerNorm, Linear, Mlp, qkv_scaled_q, check_input, init_transformer_weights, to_2tuple, trunc_normal_
 from .vision_transformer import VisionTransformer
 
 __all__ = ["T2TViT", "T2TModule", "TokenPerformer", "TokenTransformer", "sinusoid_table"]
@@ -52,12 +52,12 @@ class TokenPerformer(nn.Layer):
     def __init__(self, dim, in_dim, kernel_ratio=0.5, drop=0.1):
         super().__init__()
         self.emb = in_dim
-        self.kqv = nn.Linear(dim, 3 * in_dim)
+        self.kqv = Linear(dim, 3 * in_dim)
         self.dp = nn.Dropout(drop)
-        self.proj = nn.Linear(in_dim, in_dim)
+        self.proj = Linear(in_dim, in_dim)
         self.norm1 = LayerNorm(dim, NORM_EPS)
         self.norm2 = LayerNorm(in_dim, NORM_EPS)
-        self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, in_dim), nn.Dropout(drop))
+        self.mlp = nn.Sequential(Linear(in_dim, in_dim), nn.GELU(), Linear(in_dim, in_dim), nn.Dropout(drop))
         self.m = int(in_dim * kernel_ratio)
         self.w = self.create_parameter([self.m, in_dim], attr=paddle.ParamAttr(trainable=False),
                                        default_initializer=nn.initializer.Orthogonal(gain=math.sqrt(self.m)))
@@ -95,15 +95,15 @@ class TokenAttention(nn.Layer):
         super().__init__()
         self.in_dim = in_dim
         self.scale = qk_scale or dim ** -0.5
-        self.qkv = nn.Linear(dim, in_dim * 3, bias_attr=None if qkv_bias else False)
+        self.qkv = Linear(dim, in_dim * 3, bias_attr=None if qkv_bias else False)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(in_dim, in_dim)
+        self.proj = Linear(in_dim, in_dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x):
         B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape([B, N, 3, self.in_dim]).unbind(axis=2)
-        attn = self.attn_drop(F.softmax(paddle.matmul(q * self.scale, k, transpose_y=True), axis=-1))
+        q, k, v = qkv_scaled_q(x, self.qkv, self.scale).reshape([B, N, 3, self.in_dim]).unbind(axis=2)
+        attn = self.attn_drop(F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1))
         return v + self.proj_drop(self.proj(paddle.matmul(attn, v)))
 
     def flops_hook(self, inputs, output):
@@ -164,7 +164,7 @@ class T2TModule(nn.Layer):
         else:
             self.attention1 = TokenTransformer(dim0, token_dim, mlp_ratio=1.0)
             self.attention2 = TokenTransformer(dim1, token_dim, mlp_ratio=1.0)
-        self.project = nn.Linear(token_dim * k2 * k2, embed_dim)
+        self.project = Linear(token_dim * k2 * k2, embed_dim)
 
     @staticmethod
     def _to_map(x, grid):

@@ -3,7 +3,7 @@ import paddle
 import paddle.nn as nn
 
 from ..registry import BACKBONES, ImageSize, NonNegativeInt, PositiveFloat, PositiveInt, Rate
-from .layers import Block, LayerNorm, PatchEmbed, drop_path_rates, init_transformer_weights, trunc_normal_
+from .layers import Block, LayerNorm, Linear, PatchEmbed, drop_path_rates, init_transformer_weights, trunc_normal_
 from .pretrained import PretrainedMixin, resize_pos_embed
 
 __all__ = ["VisionTransformer"]
@@ -58,8 +58,8 @@ class VisionTransformer(PretrainedMixin, nn.Layer):
         self.norm = nn.Identity() if use_fc_norm else LayerNorm(embed_dim, norm_eps)
         self.fc_norm = LayerNorm(embed_dim, norm_eps) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) \
+        self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_dist = (Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) \
             if distilled else None
         self.apply(init_transformer_weights)
 

@@ -29,7 +29,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..models.layers import trunc_normal_, zeros_
+from ..models.layers import Linear, linear, trunc_normal_, zeros_
 from ..models.mix_transformer import EfficientAttention, MixVisionTransformer
 from ..models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from ..registry import PATCHES
@@ -53,13 +53,16 @@ class PixelCrossAttention(nn.Layer):
         # torch initialises the stacked [3C, C] in_proj_weight xavier-uniform, biases zero
         bound = math.sqrt(6.0 / (dim + 3 * dim))
         for name in ("q_proj", "k_proj", "v_proj"):
-            setattr(self, name, nn.Linear(dim, dim, weight_attr=nn.initializer.Uniform(-bound, bound),
+            setattr(self, name, Linear(dim, dim, weight_attr=nn.initializer.Uniform(-bound, bound),
                                           bias_attr=nn.initializer.Constant(0.0)))
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
         trunc_normal_(self.out_proj.weight)
         zeros_(self.out_proj.bias)
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, k_noise=None, v_noise=None):
+        """(q, keys, values), or for two modalities (a, a * r, o, k_noise row, v_noise row): `forward_two`."""
+        if k_noise is not None:
+            return self.forward_two(q, k, v, k_noise, v_noise)
         T, S = k.shape[0], k.shape[1]
         h, d = self.num_heads, self.head_dim
         q = self.q_proj(q).reshape([T, 1, h, d]) * (d ** -0.5)
@@ -69,8 +72,30 @@ class PixelCrossAttention(nn.Layer):
         out = (w.unsqueeze(-1) * v).sum(axis=1).reshape([T, self.dim])
         return self.out_proj(out)
 
+    def forward_two(self, a, ar, o, k_noise, v_noise):
+        """forward(a, keys [a + k_noise, ar], values [a + v_noise, o]) for two modalities, in fewer passes.
+
+        A softmax over two scores is sigmoid(s0 - s1), and s0 - s1 = q.(k0 - k1) where k0 - k1 is
+        the k projection of (a - ar) with k_noise's projection as its bias (k's bias cancels);
+        likewise out = v1 + w0 (v0 - v1). So there are no stacked keys/values, one k projection
+        instead of two, and the noise rows enter as biases."""
+        T, C = a.shape
+        h, d = self.num_heads, self.head_dim
+        s = d ** -0.5
+        q = linear(a, self.q_proj.weight * s, self.q_proj.bias * s)
+        dk = linear(a - ar, self.k_proj.weight, paddle.matmul(k_noise.unsqueeze(0), self.k_proj.weight).squeeze(0))
+        w0 = F.sigmoid((q * dk).reshape([T, h, d]).sum(axis=-1)).unsqueeze(-1)          # [T, h, 1]
+        v1 = linear(o, self.v_proj.weight, self.v_proj.bias)
+        dv = linear(a - o, self.v_proj.weight, paddle.matmul(v_noise.unsqueeze(0), self.v_proj.weight).squeeze(0))
+        out = v1.reshape([T, h, d]) + w0 * dv.reshape([T, h, d])
+        return self.out_proj(out.reshape([T, C]))
+
     def flops_hook(self, inputs, output):
-        """q.k over S keys and the weighted sum of S values (the projections count as Linears)."""
+        """q.k over S keys and the weighted sum of S values (the projections count as Linears). In the
+        two-modality form q, k, v are projected functionally: their multiply-adds as in the stacked form."""
+        if len(inputs) > 3 and inputs[3] is not None:
+            T, C = inputs[0].shape
+            return 5 * T * C * C + 2 * T * 2 * C
         T, S, C = inputs[1].shape
         return 2 * T * S * C
 
@@ -80,9 +105,9 @@ class RelationJudger(nn.Layer):
 
     def __init__(self, dim):
         super().__init__()
-        self.fc1 = nn.Linear(2 * dim, dim)
+        self.fc1 = Linear(2 * dim, dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(dim, dim)
+        self.fc2 = Linear(dim, dim)
         for fc in (self.fc1, self.fc2):
             trunc_normal_(fc.weight)
             zeros_(fc.bias)
@@ -108,6 +133,8 @@ class GeminiFusionMixin:
         shape = x.shape
         C = shape[-1]
         xs = x.reshape([M, -1, C])                                   # [M, T, C], T = B*N pixels
+        if M == 2:
+            return self._fuse_two(xs).reshape(shape)
         pairs = [(m, o) for m in range(M) for o in range(M) if o != m]
         # relation scores of every ordered pair (self m, other o) in one call
         judged = self.relation_judger(paddle.concat(
@@ -121,6 +148,16 @@ class GeminiFusionMixin:
             values = paddle.stack([a + self.v_noise.weight[m]] + [xs[o] for o in others], axis=1)
             out.append(a + self.cross_attn[m](a, keys, values))
         return paddle.stack(out).reshape(shape)
+
+
+    def _fuse_two(self, xs):
+        """`fuse` for two modalities: pairs (0, 1) and (1, 0) judged in one call, keys and values never stacked."""
+        x0, x1 = paddle.unbind(xs, axis=0)      # unbind's backward is one stack; slices' build zeros
+        r01, r10 = paddle.unbind(self.relation_judger(paddle.concat([xs, paddle.flip(xs, axis=[0])], axis=-1)), 0)
+        kn, vn = self.k_noise.weight, self.v_noise.weight
+        c0 = self.cross_attn[0](x0, x0 * r01, x1, kn[0], vn[0])
+        c1 = self.cross_attn[1](x1, x1 * r10, x0, kn[1], vn[1])
+        return xs + paddle.stack([c0, c1])
 
 
 class GeminiMiTAttention(GeminiFusionMixin):

@@ -17,6 +17,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ..models.layers import Linear
 from ..models.mix_transformer import MiTBlock, MixVisionTransformer, init_mit_weights
 from ..registry import PATCHES
 from .multimodal import OFFICIAL_EPS, MultimodalBackbone, NormEps, make_multimodal, resolve_target, swap_class
@@ -27,8 +28,8 @@ __all__ = ["apply_patch", "ScorePredictor", "exchange_tokens"]
 def _score_net(dim):
     """LN -> C -> C/2 -> C/4 -> 2 with GELUs, then LogSoftmax (the official PredictorLG net)."""
     return nn.Sequential(
-        nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim // 2), nn.GELU(),
-        nn.Linear(dim // 2, dim // 4), nn.GELU(), nn.Linear(dim // 4, 2), nn.LogSoftmax(axis=-1))
+        nn.LayerNorm(dim), Linear(dim, dim), nn.GELU(), Linear(dim, dim // 2), nn.GELU(),
+        Linear(dim // 2, dim // 4), nn.GELU(), Linear(dim // 4, 2), nn.LogSoftmax(axis=-1))
 
 
 class ScorePredictor(nn.Layer):

@@ -29,11 +29,11 @@ class _ToMeAttention:
         metric = k.mean(axis=1) if need_metric else None
         if size is not None:
             # softmax(q.k * scale + log s): a token of size s counts as s identical keys. The log(s)
-            # term rides along as one extra channel (q: 1, k: log(s) / scale) so the matmul adds it;
+            # term rides along as one extra channel (q, already scaled: 1, k: log(s)) so the matmul adds it;
             # on CPU that is much cheaper than a broadcast add over the [B, H, N, N] logits.
             log_s = paddle.log(size).astype(k.dtype).unsqueeze(1).expand([-1, k.shape[1], -1, -1])
             q = paddle.concat([q, paddle.ones_like(q[..., :1])], axis=-1)
-            k = paddle.concat([k, log_s / self.scale], axis=-1)
+            k = paddle.concat([k, log_s], axis=-1)
         return self.attend(q, k, v), metric
 
 

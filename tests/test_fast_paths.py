@@ -1,0 +1,84 @@
+"""The speed rewrites compute the same function as the plain formulation they replace: the bias
+inside the GEMM (`layers.Linear`), the SegFormer head's composed per-map projections (instead of
+concat -> 1x1 fuse conv at stride 4), and the softmax scale carried by q's weights."""
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+from plfusion.models.heads import SegFormerHead
+from plfusion.models.layers import Attention, Linear
+from plfusion.utils.flops import count_flops
+
+
+@pytest.mark.parametrize("shape, bias", [([5, 8], True), ([2, 7, 8], True), ([2, 3, 4, 8], True), ([2, 7, 8], False)])
+def test_linear_with_the_bias_in_the_gemm_equals_f_linear(shape, bias):
+    paddle.seed(0)
+    layer = Linear(8, 6, bias_attr=None if bias else False)
+    x = paddle.randn(shape)
+    x.stop_gradient = False
+    y = layer(x)
+    ref = F.linear(x, layer.weight, layer.bias)
+    np.testing.assert_allclose(y.numpy(), ref.numpy(), rtol=1e-6, atol=1e-6)
+    assert y.shape == ref.shape
+    g = paddle.randn(y.shape)
+    grads = paddle.grad([y], [x, layer.weight] + ([layer.bias] if bias else []), [g])
+    grads_ref = paddle.grad([ref], [x, layer.weight] + ([layer.bias] if bias else []), [g])
+    for a, b in zip(grads, grads_ref):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _head_by_concat(head, feats):
+    """SegFormer's own formulation: per-map Linear, resize, concat deepest first, 1x1 fuse conv."""
+    size = feats[0].shape[2:]
+    embedded = []
+    for i, x in enumerate(feats):
+        B, _, h, w = x.shape
+        e = getattr(head, f"linear_c{i + 1}")(x).transpose([0, 2, 1]).reshape([B, head.embed_dim, h, w])
+        if i:
+            e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)
+        embedded.append(e)
+    x = head.linear_fuse(paddle.concat(embedded[::-1], axis=1))
+    return head.linear_pred(head.dropout(x))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_segformer_head_composed_projections_equal_the_concat_formulation(train):
+    paddle.seed(1)
+    head = SegFormerHead([8, 16, 24, 32], num_classes=5, embed_dim=12, dropout=0.0)
+    for p in head.parameters():   # nonzero biases everywhere, so the bias algebra is exercised
+        p.set_value(paddle.randn(p.shape) * 0.3)
+    # odd sizes: resizing with fractional scale factors
+    feats = [paddle.randn([2, c, 23 // s + 1, 31 // s + 1]) for c, s in zip([8, 16, 24, 32], [1, 2, 4, 8])]
+    head.train() if train else head.eval()
+    got = head(feats)
+    want = _head_by_concat(head, feats)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+    if train:
+        params = [head.linear_c3.proj.weight, head.linear_c1.proj.bias, head.linear_fuse.conv.weight]
+        g = paddle.randn(got.shape)
+        for a, b in zip(paddle.grad([head(feats)], params, [g]), paddle.grad([_head_by_concat(head, feats)], params, [g])):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_segformer_head_counts_the_papers_multiply_adds():
+    head = SegFormerHead([32, 64, 160, 256], num_classes=150, embed_dim=256)
+    shapes = [(1, 32, 128, 128), (1, 64, 64, 64), (1, 160, 32, 32), (1, 256, 16, 16)]
+    gmacs = count_flops(head, [list(s) for s in shapes])
+    expected = sum(h * w * c * 256 for _, c, h, w in shapes) + 128 * 128 * (4 * 256 * 256 + 256 * 150)
+    assert gmacs == pytest.approx(expected / 1e9, rel=1e-9)
+
+
+def test_attention_with_the_scale_on_q_weights_equals_the_textbook_formula():
+    paddle.seed(2)
+    attn = Attention(24, num_heads=3, qkv_bias=True)
+    attn.eval()
+    x = paddle.randn([2, 5, 24])
+    w, b = attn.qkv.weight.numpy(), attn.qkv.bias.numpy()
+    qkv = (x.numpy() @ w + b).reshape(2, 5, 3, 3, 8).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv
+    s = q @ k.transpose(0, 1, 3, 2) * 8 ** -0.5
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = (p @ v).transpose(0, 2, 1, 3).reshape(2, 5, 24) @ attn.proj.weight.numpy() + attn.proj.bias.numpy()
+    np.testing.assert_allclose(attn(x).numpy(), o, rtol=1e-5, atol=1e-5)
