@@ -5,7 +5,11 @@ import warnings
 # by paddle.jit); it only matters for compiling custom ops, which plfusion never does.
 warnings.filterwarnings("ignore", message="No ccache found")
 
-import paddle  # noqa: E402,F401
+from .paddle_check import require_paddle  # noqa: E402
+
+# Paddle < 3.0 (or none) is one error naming the version found, the one needed and the install
+# command, before any Paddle 3 API fails deep inside a model.
+require_paddle()
 
 from .utils.cpu import prefer_mkl_avx2  # noqa: E402
 

@@ -16,6 +16,19 @@ def param_count(model, trainable_only=False):
     return sum(int(np.prod(p.shape)) for p in model.parameters() if not (trainable_only and p.stop_gradient))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped, with the reason, where this Paddle cannot compute on a GPU."""
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked:
+        return
+    from plfusion.paddle_check import gpu_status
+    usable, info = gpu_status()
+    if not usable:
+        skip = pytest.mark.skip(reason=f"needs a GPU: {info}")
+        for item in marked:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     paddle.seed(0)

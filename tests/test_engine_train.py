@@ -217,8 +217,7 @@ def test_amp_on_cpu_is_switched_off_with_one_warning(tmp_path, caplog):
     assert all(p.dtype == paddle.float32 for p in trainer.net.parameters())
 
 
-@pytest.mark.skipif(not paddle.is_compiled_with_cuda() or paddle.device.cuda.device_count() == 0,
-                    reason="AMP runs on a GPU only")
+@pytest.mark.gpu
 @pytest.mark.parametrize("level, dtype", [("O1", "float16"), ("O2", "bfloat16")])
 def test_amp_on_gpu_trains_and_resumes(tmp_path, level, dtype):
     cfg, _ = make_cfg(tmp_path, f"amp_{level}", iters=4, amp={"enable": True, "level": level, "dtype": dtype})

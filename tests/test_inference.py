@@ -159,7 +159,7 @@ def test_gpu_requests_fail_clearly_without_cuda(seg):
         Predictor(seg["model_dir"], device="tpu")
 
 
-@pytest.mark.skipif(not paddle.is_compiled_with_cuda(), reason="needs a CUDA build of paddle and a GPU")
+@pytest.mark.gpu
 def test_gpu_tensorrt_fp16(seg):
     cpu = Predictor(seg["model_dir"])
     gpu = Predictor(seg["model_dir"], device="gpu", tensorrt=True, precision="fp16", max_batch_size=2)

@@ -1,6 +1,7 @@
 """Command lines `plfusion-train` / `plfusion-eval` (also `tools/train.py` / `tools/eval.py`).
 
     plfusion-train -c CONFIG [-o key=value ...] [--resume auto|RUN_DIR|CKPT] [--max-steps N] [--threads N]
+                   [--device cpu|gpu]
     plfusion-train -c CONFIG --eval (--resume CKPT | --pretrained WEIGHTS) [--ema]
     plfusion-eval  -c CONFIG (--resume CKPT | --pretrained WEIGHTS) [--ema] [--tome-r 0 8 16]
 
@@ -16,15 +17,20 @@ Threads: Paddle computes with one CPU thread unless told otherwise. `--threads N
 intra-op thread count (`paddle.base.core.set_num_threads`, which sizes the MKL/OpenMP pools
 that matmul and convolution use); the default divides this machine's usable cores among the
 processes the launcher started on it.
+
+Device: `--device gpu` (the default where this Paddle is a CUDA build that sees a GPU) or `--device
+cpu`; under the launcher each process takes its own GPU. Asking for a GPU that this Paddle cannot
+use is one `error: ...` line and exit status 2.
 """
 import argparse
 import logging
 import os
 import sys
 
+from ..paddle_check import DeviceError, check_device
 from ..registry import ConfigError
 
-__all__ = ["train_main", "eval_main", "build_parser", "configure_threads"]
+__all__ = ["train_main", "eval_main", "build_parser", "configure_threads", "default_threads", "select_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,21 +58,41 @@ def build_parser(prog, eval_only=False):
                         "pass and print accuracy, images/s and GFLOPs per r; the first r is the speed-up baseline")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads per process (default: usable cores / processes on this machine)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default=None,
+                   help="compute on the CPU or the GPU (default: gpu when this Paddle is a CUDA build that sees a GPU, "
+                        "else cpu); under the launcher each process takes its own GPU")
     return p
 
 
-def configure_threads(threads=None):
-    """Set Paddle's intra-op CPU threads; returns the number used."""
+def select_device(device=None):
+    """Check `--device` (None: the default) and make it Paddle's device; returns 'cpu' or 'gpu'.
+    Must run before the model is built, so parameters are created there."""
     import paddle
+    device = check_device(device, where="--device")
+    paddle.set_device(device)   # 'gpu' is the launcher's GPU for this rank (FLAGS_selected_gpus)
+    logger.info("device: %s", paddle.device.get_device())
+    return device
 
+
+def default_threads():
+    """(threads, usable cores, processes on this machine): the default --threads divides the cores
+    among the processes the launcher started here."""
     from .distributed import get_local_world_size
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
     procs = get_local_world_size()
+    return max(cores // procs, 1), cores, procs
+
+
+def configure_threads(threads=None):
+    """Set Paddle's intra-op CPU threads; returns the number used."""
+    import paddle
+
+    default, cores, procs = default_threads()
     if threads is None:
-        threads = max(cores // procs, 1)
+        threads = default
     elif threads < 1:
         raise ConfigError(f"--threads: expected a positive integer, got {threads}")
     paddle.base.core.set_num_threads(int(threads))
@@ -118,6 +144,7 @@ def _run(args, eval_mode):
         if args.tome_r is not None and not eval_mode:
             raise ConfigError("--tome-r is an evaluation option: use it with --eval (or plfusion-eval)")
         r_values = _parse_tome_r(args.tome_r)
+        select_device(args.device)
         cfg = get_config(args.config, args.override)
         threads = configure_threads(args.threads)
         if eval_mode and r_values is not None:
@@ -132,7 +159,7 @@ def _run(args, eval_mode):
             trainer = Trainer(cfg, mode="train")
             trainer.train(resume=args.resume, max_steps=getattr(args, "max_steps", None))
     except (ConfigError, OutputDirInUse, CheckpointNotFound, CheckpointMismatchError, TrainingDiverged,
-            FileNotFoundError, DataError) as e:
+            FileNotFoundError, DataError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, TrainingDiverged) else 2
     return 0

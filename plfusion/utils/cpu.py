@@ -17,7 +17,7 @@ kernels from the CPU's features and needs neither.
 import logging
 import os
 
-__all__ = ["available_cpus", "cpu_vendor", "set_cpu_threads", "prefer_mkl_avx2", "configure_cpu"]
+__all__ = ["available_cpus", "cpu_vendor", "cpu_model", "set_cpu_threads", "prefer_mkl_avx2", "configure_cpu"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +31,27 @@ def available_cpus():
         return os.cpu_count() or 1
 
 
-def cpu_vendor():
-    """'AuthenticAMD', 'GenuineIntel', ... from /proc/cpuinfo, or None where it cannot be read."""
+def _cpuinfo(field):
+    """The first `field` value in /proc/cpuinfo, or None where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         return None
     return None
+
+
+def cpu_vendor():
+    """'AuthenticAMD', 'GenuineIntel', ... from /proc/cpuinfo, or None where it cannot be read."""
+    return _cpuinfo("vendor_id")
+
+
+def cpu_model():
+    """The CPU's name ('AMD EPYC 9B14', ...) from /proc/cpuinfo, else platform.processor(), else None."""
+    import platform
+    return _cpuinfo("model name") or platform.processor() or None
 
 
 def set_cpu_threads(n):
