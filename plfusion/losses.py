@@ -8,6 +8,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from .models.layers import resize_bilinear
 from .registry import LOSSES, ConfigError
 
 __all__ = ["CrossEntropyLoss", "SoftTargetCrossEntropy", "DistillationLoss", "build_loss"]
@@ -80,7 +81,7 @@ class CrossEntropyLoss(nn.Layer):
                 raise ValueError(f"CrossEntropyLoss: logits {list(logits.shape)} need labels of shape "
                                  f"[{logits.shape[0]}, H, W], got {list(labels.shape)}")
             if list(logits.shape[2:]) != list(labels.shape[1:]):
-                logits = F.interpolate(logits, size=list(labels.shape[1:]), mode="bilinear", align_corners=False)
+                logits = resize_bilinear(logits, labels.shape[1:])
             flat = logits.transpose([0, 2, 3, 1]).reshape([-1, num_classes])
         else:
             raise ValueError(f"CrossEntropyLoss: expected logits [B, K] or [B, K, h, w], got {list(logits.shape)}")

@@ -1,5 +1,5 @@
 """The speed rewrites compute the same function as the plain formulation they replace: the bias
-inside the GEMM (`layers.Linear`), the SegFormer head's composed per-map projections (instead of
+inside the GEMM (`layers.Linear`), bilinear resizing as two GEMMs, the SegFormer head's composed per-map projections (instead of
 concat -> 1x1 fuse conv at stride 4), and the softmax scale carried by q's weights."""
 import numpy as np
 import paddle
@@ -7,7 +7,7 @@ import paddle.nn.functional as F
 import pytest
 
 from plfusion.models.heads import SegFormerHead
-from plfusion.models.layers import Attention, Linear
+from plfusion.models.layers import Attention, Linear, resize_bilinear
 from plfusion.utils.flops import count_flops
 
 
@@ -82,3 +82,17 @@ def test_attention_with_the_scale_on_q_weights_equals_the_textbook_formula():
     p /= p.sum(-1, keepdims=True)
     o = (p @ v).transpose(0, 2, 1, 3).reshape(2, 5, 24) @ attn.proj.weight.numpy() + attn.proj.bias.numpy()
     np.testing.assert_allclose(attn(x).numpy(), o, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("src, dst", [((15, 20), (120, 160)), ((17, 23), (64, 61)), ((8, 8), (8, 8)), ((9, 6), (3, 4))])
+def test_resize_by_two_gemms_equals_bilinear_interpolate(src, dst, align_corners):
+    paddle.seed(3)
+    x = paddle.randn([2, 3, *src])
+    x.stop_gradient = False
+    got = resize_bilinear(x, dst, align_corners)
+    want = F.interpolate(x, size=list(dst), mode="bilinear", align_corners=align_corners)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=2e-5)
+    g = paddle.randn(got.shape)
+    np.testing.assert_allclose(paddle.grad([got], [x], [g])[0].numpy(), paddle.grad([want], [x], [g])[0].numpy(),
+                               rtol=1e-4, atol=1e-4)

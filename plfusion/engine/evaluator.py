@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 import paddle
-import paddle.nn.functional as F
 from tqdm import tqdm
 
 from ..metrics import ConfusionMatrix, topk_accuracy
+from ..models.layers import resize_bilinear
 from .distributed import all_reduce_sum, is_main_process
 
 __all__ = ["Evaluator"]
@@ -90,7 +90,7 @@ class Evaluator:
                     for cm, out in zip(matrices, outs):
                         out = out.astype("float32")
                         if list(out.shape[-2:]) != size:
-                            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+                            out = resize_bilinear(out, size)
                         cm.update(paddle.argmax(out, axis=1), labels)
                     samples += labels.shape[0]
                 bar.update(1)

@@ -18,9 +18,9 @@ import os
 import cv2
 import numpy as np
 import paddle
-import paddle.nn.functional as F
 
 from ..data.seg_transforms import Normalize
+from ..models.layers import resize_bilinear
 from ..utils.visualize import colorize, depth_to_rgb, overlay, panel, save_image
 
 __all__ = ["save_predictions", "display_inputs", "legend", "PREDICTIONS_DIR"]
@@ -135,7 +135,7 @@ def save_predictions(model, loader, count, out_dir, amp=None, alpha=0.6, min_wid
                                  f"{list(logits.shape)}")
             size = list(labels.shape[-2:])
             if list(logits.shape[-2:]) != size:
-                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+                logits = resize_bilinear(logits, size)
             preds = paddle.argmax(logits, axis=1).numpy()
             labels = labels.numpy()
             streams = [x.numpy() for x in inputs] if isinstance(inputs, (list, tuple)) else [inputs.numpy()]

@@ -1,10 +1,9 @@
 """Heads that sit on a backbone's output: classification, and the SegFormer decoder for segmentation."""
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 
 from ..registry import HEADS, PositiveInt, PositiveInts, Rate
-from .layers import Linear, trunc_normal_, zeros_
+from .layers import Linear, resize_bilinear, trunc_normal_, zeros_
 
 __all__ = ["LinearClsHead", "SegFormerHead"]
 
@@ -112,7 +111,7 @@ class SegFormerHead(nn.Layer):
             B, C, h, w = x.shape
             y = paddle.matmul(weight, x.reshape([B, C, h * w])).reshape([B, dim, h, w])
             if i:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=self.align_corners)
+                y = resize_bilinear(y, size, self.align_corners)
             out = y if out is None else out + y
             bias = b if bias is None else bias + b
         x = out + bias.reshape([1, dim, 1, 1])

@@ -1,11 +1,12 @@
 """Pieces shared by every transformer in plfusion: MLP, DropPath, PatchEmbed, Attention, Block."""
 import numbers
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-__all__ = ["linear", "Linear", "qkv_scaled_q", "DropPath", "Mlp", "PatchEmbed", "Attention", "Block", "LayerNorm", "trunc_normal_", "zeros_", "ones_",
+__all__ = ["linear", "Linear", "qkv_scaled_q", "resize_bilinear", "DropPath", "Mlp", "PatchEmbed", "Attention", "Block", "LayerNorm", "trunc_normal_", "zeros_", "ones_",
            "init_transformer_weights", "to_2tuple", "check_input", "drop_path_rates", "stage_indices"]
 
 trunc_normal_ = nn.initializer.TruncatedNormal(std=0.02)
@@ -24,6 +25,44 @@ def linear(x, weight, bias=None):
         return F.linear(x, weight, bias)
     y = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
     return y if len(lead) == 1 else y.reshape([*lead, y.shape[-1]])
+
+
+_RESIZE_CACHE = {}
+
+
+@paddle.jit.not_to_static   # plain numpy on static sizes: a constant of the traced program
+def _resize_matrix(n_in, n_out, align_corners):
+    """[n_out, n_in] weights of 1-D linear interpolation, as F.interpolate(mode='bilinear') samples."""
+    key = (n_in, n_out, align_corners)
+    if key not in _RESIZE_CACHE:
+        dst = np.arange(n_out, dtype=np.float64)
+        if align_corners:
+            src = dst * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros(n_out)
+        else:
+            src = np.maximum((dst + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        lam = src - i0
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        m = np.zeros((n_out, n_in), np.float32)
+        np.add.at(m, (np.arange(n_out), i0), 1.0 - lam)
+        np.add.at(m, (np.arange(n_out), i1), lam)
+        _RESIZE_CACHE[key] = m
+    return _RESIZE_CACHE[key]
+
+
+def resize_bilinear(x, size, align_corners=False):
+    """F.interpolate(x, size, mode='bilinear') for NCHW `x`, as two small GEMMs (rows, then columns).
+
+    On the CPU Paddle's bilinear_interp kernel is single-threaded (2x slower here than the GEMMs),
+    and in exported programs it cannot run on oneDNN, which switched oneDNN off for every
+    segmentor; matmuls run on both."""
+    h, w = int(x.shape[2]), int(x.shape[3])
+    H, W = int(size[0]), int(size[1])
+    if (h, w) == (H, W):
+        return x
+    rows = paddle.to_tensor(_resize_matrix(h, H, align_corners), dtype=x.dtype)
+    cols = paddle.to_tensor(_resize_matrix(w, W, align_corners), dtype=x.dtype)
+    return paddle.matmul(paddle.matmul(rows, x), cols, transpose_y=True)
 
 
 def qkv_scaled_q(x, layer, scale):
