@@ -12,6 +12,7 @@ import warnings
 import paddle
 
 from ...models.layers import Attention, Block
+from . import dense
 from .merge import bipartite_soft_matching, check_r, merge_source, merge_wavg, parse_r
 
 logger = logging.getLogger(__name__)
@@ -128,14 +129,37 @@ def is_patched(model):
     return any(hasattr(m, "_tome_info") for m in model.sublayers(include_self=True))
 
 
-def apply_patch(model, trace_source=False, prop_attn=True, r=None):
-    """Patch `model` in place with ToMe and return it; then set `model.r` (default 0: no merging).
+def apply_patch(model, trace_source=False, prop_attn=True, r=None, ratio=None, merge_mlp=True):
+    """Patch `model` in place with ToMe and return it.
 
+    ViT-family models (plfusion's Block): then set `model.r` (default 0: no merging).
     trace_source keeps model._tome_info["source"] ([B, T, T0], which input tokens each token
     covers); prop_attn adds log(size) to the attention logits (keep it for off-the-shelf models).
     `r` (optional) sets model.r at once, as configs do with `patches: [{name: tome, r: 16}]`.
+
+    Dense MiT models (a MixVisionTransformer, a Segmentor holding one, with or without
+    TokenFusion/GeminiFusion): `ratio` is the fraction of tokens merged per stage (a number or one
+    per stage; default dense.DEFAULT_RATIO), later `model.ratio`; merge_mlp merges the MixFFN's
+    per-token layers too; trace_source keeps the merge maps in model._tome_info["maps"]. See plfusion/patches/tome/dense.py.
     A second call on a patched model changes nothing.
     """
+    blocks = [m for m in model.sublayers(include_self=True) if _supported_block(m)]
+    mit = dense.find_mit(model) if not blocks else None
+    if mit is not None:
+        if is_patched(model):
+            logger.warning("ToMe: %s is already patched; apply_patch changes nothing (set model.ratio, or call "
+                           "remove_patch first)", type(model).__name__)
+            return model
+        if r is not None:
+            raise ValueError("tome.apply_patch: r (tokens per layer) is for ViT-family models; a dense MiT model "
+                             "takes ratio (the fraction of each stage's tokens merged), e.g. ratio=0.5")
+        count = dense.apply_dense_patch(model, mit, ratio, trace_source, _swap, merge_mlp)
+        logger.info("ToMe: patched %d MiT blocks of %s, ratio %s per stage", count,
+                    type(model)._tome_orig_class.__name__, model.ratio)
+        return model
+    if ratio is not None:
+        raise ValueError(f"tome.apply_patch: ratio is for dense MiT models; {type(model).__name__} takes r "
+                         f"(tokens merged per layer), e.g. r=16")
     if is_patched(model):
         info = getattr(model, "_tome_info", None)
         if info is None or info["trace_source"] != trace_source or info["prop_attn"] != prop_attn or r is not None:
@@ -143,7 +167,6 @@ def apply_patch(model, trace_source=False, prop_attn=True, r=None):
                            "nothing (call remove_patch first, or set model.r)", type(model).__name__,
                            trace_source, prop_attn, r)
         return model
-    blocks = [m for m in model.sublayers(include_self=True) if _supported_block(m)]
     if not blocks:
         raise TypeError(f"ToMe apply_patch: {type(model).__name__} has no supported transformer blocks "
                         f"(plfusion.models.layers.Block with a stock Attention); cannot patch it")
@@ -200,6 +223,11 @@ def remove_patch(model):
         orig = type(layer).__dict__.get("_tome_orig_class")
         if orig is not None:
             layer.__class__ = orig
+        elif hasattr(type(layer), "_tome_orig_class"):
+            # a fusion patch applied after ToMe wrapped the ToMe class: rebuild it on the original
+            cls = type(layer)
+            bases = tuple(b.__dict__.get("_tome_orig_class", b) for b in cls.__bases__)
+            layer.__class__ = type(cls.__name__.replace("ToMe", ""), bases, {})
         for attr in ("_tome_info", "_tome_index", "_tome_root"):
             if attr in layer.__dict__:
                 object.__delattr__(layer, attr)

@@ -1,0 +1,201 @@
+"""ToMe for the dense MiT backbone (SegFormer), bare or in a Segmentor, and with TokenFusion/GeminiFusion.
+
+Merging happens only around attention, as Segformer++ does, so every feature map keeps its
+shape: each block builds a merge map from the attention's input, the queries are computed on
+the merged tokens, attention (and GeminiFusion's pixel-wise fusion) runs on them, and after
+`proj` every token gets back the row it was merged into. Keys/values come from the unmerged
+map. With `merge_mlp` (default) the MixFFN's fc1, GELU and fc2 run on the merged tokens too,
+unmerged around its depthwise conv, which needs the full grid.
+
+The map is local, as tomesd's destinations: the grid is cut into 2x2 cells, the top-left token
+of each cell is a destination, and each other token may merge only into its own cell's
+destination. The `r` most similar (cosine) of them are merged, by mean. Cost O(N C), where a
+global bipartite match would cost more than MiT's reduced attention itself. r = ratio * N per
+block, at most 3/4 of the tokens.
+
+Several modalities (stacked on the batch axis) share one map, built from the sum of their
+normalised features, so token i of RGB still pairs with token i of depth in the fusion layers.
+"""
+import numbers
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+__all__ = ["DenseMerge", "check_ratio", "parse_ratio", "MAX_RATIO", "DEFAULT_RATIO"]
+
+CELL = 2                       # destinations: one per CELL x CELL block of the grid
+MAX_RATIO = 1.0 - 1.0 / (CELL * CELL)
+# per stage; measured on the RGB-D demo model (README, "ToMe for dense models")
+DEFAULT_RATIO = (0.5, 0.5, 0.25, 0.0)
+
+
+def check_ratio(ratio, num_stages, where="model.ratio"):
+    """A float for every stage or one per stage, each in [0, MAX_RATIO]."""
+    values = list(ratio) if isinstance(ratio, (list, tuple)) else [ratio]
+    if isinstance(ratio, (list, tuple)) and len(values) != num_stages:
+        raise ValueError(f"{where}: expected one merge ratio per stage ({num_stages}), got {len(values)}: {ratio!r}")
+    for v in values:
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not 0.0 <= float(v) <= MAX_RATIO:
+            raise ValueError(f"{where}: a merge ratio is the fraction of a stage's tokens merged, a number in "
+                             f"[0, {MAX_RATIO}] (2x2 cells keep one token each); got {v!r} in {ratio!r}")
+    return ratio
+
+
+def parse_ratio(ratio, num_stages):
+    values = list(ratio) if isinstance(ratio, (list, tuple)) else [ratio] * num_stages
+    return [float(v) for v in values]
+
+
+@paddle.jit.not_to_static   # numpy on static sizes: constants of a traced program
+def _grid(H, W):
+    """(dst index per src, src indices, dst indices, inverse of the [dst, src] order) for an H x W grid."""
+    rows, cols = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+    is_dst = ((rows % CELL == 0) & (cols % CELL == 0)).reshape(-1)
+    cell = ((rows // CELL) * ((W + CELL - 1) // CELL) + cols // CELL).reshape(-1)
+    dst = np.flatnonzero(is_dst)            # row-major, so dst number k is cell k
+    src = np.flatnonzero(~is_dst)
+    order = np.concatenate([dst, src])
+    return cell[src], src, dst, np.argsort(order)
+
+
+class DenseMerge:
+    """A merge map for tokens [M*B, H*W, C]: `merge` (mean into rows) and `unmerge` (copy back)."""
+
+    def __init__(self, metric, H, W, r, num_modalities=1):
+        MB, N, C = metric.shape
+        M = int(num_modalities)
+        B = MB // M
+        src_cell, src, dst, inv = (paddle.to_tensor(a) for a in _grid(H, W))
+        Nd, Ns = int(dst.shape[0]), int(src.shape[0])
+        r = min(int(r), Ns)
+        m = F.normalize(metric.astype("float32"), axis=-1)
+        if M > 1:
+            m = m.reshape([M, B, N, C]).sum(axis=0)
+        sim = (paddle.index_select(m, src, axis=1) * paddle.index_select(m, paddle.gather(dst, src_cell), axis=1)).sum(-1)
+        top = paddle.topk(sim, r, axis=1)[1]                                     # [B, r] merged src
+        merged = paddle.put_along_axis(paddle.zeros([B, Ns]), top, paddle.ones([B, r]), axis=1)
+        rank = paddle.cumsum(1.0 - merged, axis=1) - 1.0
+        src_row = paddle.where(merged > 0, src_cell.astype("float32").unsqueeze(0).expand([B, Ns]), Nd + rank)
+        rows = paddle.concat([paddle.arange(Nd, dtype="float32").unsqueeze(0).expand([B, Nd]), src_row], axis=1)
+        inverse = paddle.index_select(rows, inv, axis=1).astype("int64")        # [B, N]: each token's row
+        if M > 1:
+            inverse = paddle.tile(inverse, [M, 1])
+        self.num_rows = N - r
+        self.inverse = inverse
+        self.shape = (MB, N)
+        self._flat = (inverse + paddle.arange(MB, dtype="int64").unsqueeze(1) * self.num_rows).reshape([-1])
+        ones = paddle.ones([MB * N, 1], "float32")
+        self._count = paddle.index_add(paddle.zeros([MB * self.num_rows, 1], "float32"), self._flat, 0, ones)
+
+    def merge(self, x):
+        """[M*B, N, C] -> [M*B, N - r, C]: each row the mean of the tokens merged into it."""
+        MB, N, C = x.shape
+        total = paddle.index_add(paddle.zeros([MB * self.num_rows, C], x.dtype), self._flat, 0, x.reshape([MB * N, C]))
+        return (total / self._count.astype(x.dtype)).reshape([MB, self.num_rows, C])
+
+    def unmerge(self, y):
+        """[M*B, N - r, C] -> [M*B, N, C]: every token takes its row's value."""
+        MB, _, C = y.shape
+        return paddle.gather(y.reshape([MB * self.num_rows, C]), self._flat).reshape([MB, self.shape[1], C])
+
+
+# ------------------------------------------------------------------ the patch
+
+class _DenseToMeBlock:
+    """MiT block: the attention branch runs on merged queries (ratio of this block's stage)."""
+
+    def attn_branch(self, x, H, W):
+        info = self._tome_info
+        ratio = info["ratios"][self._tome_stage]
+        if ratio <= 0:
+            return self._tome_orig_class.attn_branch(self, x, H, W)
+        h = self.norm1(x)
+        M = getattr(info["backbone"], "num_modalities", 1)
+        merge = DenseMerge(h, H, W, ratio * H * W, M)
+        if info["trace_source"]:
+            info["maps"][(self._tome_stage, self._tome_index)] = (merge.inverse[:h.shape[0] // M], H, W)
+        self.attn._tome_merge = merge
+        try:
+            out = self.attn(h, H, W)
+        finally:
+            self.attn._tome_merge = None
+        self._tome_mlp_merge = merge if info["merge_mlp"] else None
+        return out
+
+    def mlp_branch(self, x, H, W):
+        """With `merge_mlp`, the attention's map also serves the MixFFN's per-token layers: fc1 on merged
+        tokens, unmerged for the depthwise conv, merged again for GELU and fc2."""
+        merge = getattr(self, "_tome_mlp_merge", None)
+        self._tome_mlp_merge = None
+        if merge is None:
+            return self._tome_orig_class.mlp_branch(self, x, H, W)
+        mlp = self.mlp
+        y = merge.unmerge(mlp.fc1(merge.merge(self.norm2(x))))
+        y = mlp.act(merge.merge(mlp.dwconv(y, H, W)))
+        return merge.unmerge(mlp.drop(mlp.fc2(mlp.drop(y))))
+
+
+class _DenseToMeAttention:
+    """EfficientAttention (plain or GeminiFusion's): queries from merged tokens, output unmerged after proj."""
+
+    def query(self, x):
+        merge = getattr(self, "_tome_merge", None)
+        return self._tome_orig_class.query(self, merge.merge(x) if merge is not None else x)
+
+    def project(self, x):
+        y = self._tome_orig_class.project(self, x)
+        merge = getattr(self, "_tome_merge", None)
+        return merge.unmerge(y) if merge is not None else y
+
+    def flops_hook(self, inputs, output):
+        x, H, W = inputs[:3]
+        merge = getattr(self, "_tome_merge", None)
+        n = merge.num_rows if merge is not None else x.shape[1]
+        return 2 * x.shape[0] * n * self.kv_len(H, W) * x.shape[2]
+
+
+class _DenseToMeModel:
+    """`ratio`: the fraction of tokens merged in each stage (a number, or one per stage); validated when set."""
+
+    @property
+    def ratio(self):
+        return self._tome_info["ratio_setting"]
+
+    @ratio.setter
+    def ratio(self, value):
+        info = self._tome_info
+        check_ratio(value, info["num_stages"], where=f"model.ratio ({type(self).__name__})")
+        info["ratio_setting"] = value
+        info["ratios"] = parse_ratio(value, info["num_stages"])
+
+
+def find_mit(model):
+    from ...models.mix_transformer import MixVisionTransformer
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, MixVisionTransformer):
+            return layer
+    return None
+
+
+def apply_dense_patch(model, backbone, ratio, trace_source, swap, merge_mlp=True):
+    """Patch the MiT `backbone` inside `model` (see the module docstring); `swap(layer, mixins)` swaps classes."""
+    num_stages = len(backbone.embed_dims)
+    ratio = DEFAULT_RATIO if ratio is None else ratio
+    check_ratio(ratio, num_stages, where="tome.apply_patch(ratio=...)")
+    # `backbone` sits in a plain dict: a Layer attribute would register it as a sublayer
+    info = {"ratio_setting": ratio, "ratios": parse_ratio(ratio, num_stages), "num_stages": num_stages,
+            "backbone": backbone, "trace_source": bool(trace_source), "maps": {}, "dense": True,
+            "merge_mlp": bool(merge_mlp)}
+    count = 0
+    for stage in range(num_stages):
+        for index, blk in enumerate(backbone.stage_layers(stage)[1]):
+            swap(blk, (_DenseToMeBlock,))
+            swap(blk.attn, (_DenseToMeAttention,))
+            blk._tome_info, blk._tome_stage, blk._tome_index = info, stage, index
+            count += 1
+    for layer in {id(backbone): backbone, id(model): model}.values():
+        swap(layer, (_DenseToMeModel,))
+        layer._tome_info = info
+    model._tome_root = True
+    return count

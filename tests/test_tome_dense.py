@@ -1,0 +1,175 @@
+"""ToMe on dense MiT models (plfusion/patches/tome/dense.py): ratio 0 is the unpatched model exactly,
+shapes never change (odd grids too), modalities share one merge map, merge/unmerge keep a constant
+map, every ratio removes the tokens it says, either order with the fusion patches gives one model,
+remove_patch restores it, and training and tracing work."""
+import numpy as np
+import paddle
+import pytest
+
+from plfusion.models import build_model, create_model
+from plfusion.patches import geminifusion, tokenfusion, tome
+from plfusion.patches.tome.dense import MAX_RATIO, DenseMerge
+from plfusion.utils.flops import count_flops
+
+SIZE = (45, 62)   # stage grids 12x16, 6x8, 3x4, 2x2: odd cells at the edges
+
+
+def _seg(fusion=None, tome_first=False, ratio=0.5):
+    paddle.seed(0)
+    seg = build_model({"name": "Segmentor", "architecture": {"name": "mit_b0"},
+                       "head": {"name": "SegFormerHead", "num_classes": 5, "embed_dim": 32}})
+    patch = {"gemini": lambda m: geminifusion.apply_patch(m, num_modalities=2),
+             "token": lambda m: tokenfusion.apply_patch(m, num_modalities=2), None: lambda m: m}[fusion]
+    if tome_first:
+        tome.apply_patch(seg, ratio=ratio)
+        patch(seg)
+    else:
+        patch(seg)
+        tome.apply_patch(seg, ratio=ratio)
+    seg.eval()
+    return seg
+
+
+def _inputs(fusion, batch=2):
+    paddle.seed(1)
+    x = [paddle.randn([batch, 3, *SIZE]) for _ in range(2 if fusion else 1)]
+    return x if fusion else x[0]
+
+
+def _outs(model, x):
+    with paddle.no_grad():
+        y = model(x)
+    return [t.numpy() for t in (y if isinstance(y, (list, tuple)) else [y])]
+
+
+@pytest.mark.parametrize("fusion", [None, "gemini", "token"])
+def test_ratio_zero_is_the_unpatched_model_and_shapes_never_change(fusion):
+    x = _inputs(fusion)
+    plain = _outs(_unpatched(fusion), x)
+    seg = _seg(fusion, ratio=0.0)
+    for a, b in zip(_outs(seg, x), plain):
+        np.testing.assert_array_equal(a, b)
+    for ratio in (0.3, MAX_RATIO, [0.75, 0.5, 0.25, 0.0]):
+        seg.ratio = ratio
+        got = _outs(seg, x)
+        assert [g.shape for g in got] == [p.shape for p in plain]
+        assert all(np.isfinite(g).all() for g in got)
+    assert not np.allclose(got[0], plain[0])        # merging changed something
+
+
+def _unpatched(fusion):
+    paddle.seed(0)
+    seg = build_model({"name": "Segmentor", "architecture": {"name": "mit_b0"},
+                       "head": {"name": "SegFormerHead", "num_classes": 5, "embed_dim": 32}})
+    if fusion == "gemini":
+        geminifusion.apply_patch(seg, num_modalities=2)
+    elif fusion == "token":
+        tokenfusion.apply_patch(seg, num_modalities=2)
+    seg.eval()
+    return seg
+
+
+@pytest.mark.parametrize("fusion", ["gemini", "token"])
+def test_either_order_with_the_fusion_patches_gives_one_model_and_remove_restores_it(fusion):
+    x = _inputs(fusion)
+    a, b = _seg(fusion, tome_first=False), _seg(fusion, tome_first=True)
+    for u, v in zip(_outs(a, x), _outs(b, x)):
+        np.testing.assert_array_equal(u, v)
+    plain = _outs(_unpatched(fusion), x)
+    for seg in (a, b):
+        tome.remove_patch(seg)
+        assert not tome.is_patched(seg)
+        assert not any("ToMe" in type(m).__name__ for m in seg.sublayers(include_self=True))
+        for u, v in zip(_outs(seg, x), plain):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_modalities_share_one_map_and_a_constant_map_survives_merge_and_unmerge():
+    paddle.seed(2)
+    B, H, W, C = 3, 7, 9, 8
+    rgb, depth = paddle.randn([B, H * W, C]), paddle.randn([B, H * W, C])
+    merge = DenseMerge(paddle.concat([rgb, depth]), H, W, r=20, num_modalities=2)
+    inv = merge.inverse.numpy()
+    np.testing.assert_array_equal(inv[:B], inv[B:])               # token i of RGB and of depth: same row
+    assert merge.num_rows == H * W - 20
+    for row in inv:                                                # 20 tokens went into another token's row
+        assert len(np.unique(row)) == H * W - 20
+    const = paddle.ones([2 * B, H * W, C]) * paddle.arange(C, dtype="float32")
+    back = merge.unmerge(merge.merge(const))
+    np.testing.assert_array_equal(back.numpy(), const.numpy())
+    # merging averages: a merged row is the mean of its tokens, and merge(unmerge(y)) == y
+    y = paddle.randn([2 * B, merge.num_rows, C])
+    np.testing.assert_allclose(merge.merge(merge.unmerge(y)).numpy(), y.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_tokens_merge_only_inside_their_2x2_cell():
+    paddle.seed(3)
+    H, W = 6, 8
+    merge = DenseMerge(paddle.randn([2, H * W, 4]), H, W, r=int(MAX_RATIO * H * W))
+    inv = merge.inverse.numpy()
+    cells = (np.arange(H)[:, None] // 2 * (W // 2) + np.arange(W)[None, :] // 2).reshape(-1)
+    for row in inv:     # at the maximum ratio each cell is one token
+        for c in range(cells.max() + 1):
+            assert len(np.unique(row[cells == c])) == 1
+        assert len(np.unique(row)) == (H // 2) * (W // 2)
+
+
+def test_every_ratio_removes_the_tokens_it_says_and_costs_fewer_macs():
+    seg = _seg("gemini", ratio=0.0)
+    x = _inputs("gemini", batch=1)
+    seen = {}
+
+    def spy(layer, inputs, output):
+        merge = getattr(layer, "_tome_merge", None)
+        seen.setdefault(id(layer), []).append((inputs[1], inputs[2], merge.num_rows if merge else inputs[0].shape[1]))
+    attns = [blk.attn for i in range(4) for blk in seg.backbone.stage_layers(i)[1]]
+    hooks = [a.register_forward_post_hook(spy) for a in attns]
+    macs = []
+    for ratio in (0.0, 0.25, 0.5, MAX_RATIO):
+        seg.ratio = ratio
+        seen.clear()
+        _outs(seg, x)
+        for a in attns:
+            h, w, rows = seen[id(a)][0]
+            n, sources = h * w, h * w - ((h + 1) // 2) * ((w + 1) // 2)    # one token of each 2x2 cell stays
+            assert rows == n - min(int(ratio * n), sources), (h, w, ratio)
+        macs.append(count_flops(seg, [list(t.shape) for t in x]))
+    for h in hooks:
+        h.remove()
+    assert macs == sorted(macs, reverse=True) and macs[-1] < 0.9 * macs[0]
+
+
+def test_backward_and_a_traced_program_work_with_merging_on():
+    seg = _seg("gemini", ratio=0.5)
+    x = _inputs("gemini")
+    seg.train()
+    loss = sum(o.mean() for o in seg(x))
+    loss.backward()
+    grads = [p.grad for p in seg.parameters() if p.grad is not None]
+    assert grads and all(np.isfinite(g.numpy()).all() for g in grads)
+    assert seg.backbone.block1[0].attn.q.weight.grad is not None
+    seg.eval()
+    want = _outs(seg, x)
+
+    class Two(paddle.nn.Layer):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, a, b):
+            return self.inner([a, b])[-1]
+    spec = [paddle.static.InputSpec([2, 3, *SIZE], "float32")] * 2
+    static = paddle.jit.to_static(Two(seg), input_spec=spec, full_graph=True)
+    np.testing.assert_allclose(static(*x).numpy(), want[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_errors_name_the_setting():
+    seg = _seg(None, ratio=0.0)
+    with pytest.raises(ValueError, match=r"model.ratio .*a number in \[0, 0.75\]"):
+        seg.ratio = 0.9
+    with pytest.raises(ValueError, match="one merge ratio per stage \\(4\\)"):
+        seg.ratio = [0.5, 0.5]
+    with pytest.raises(ValueError, match="r \\(tokens per layer\\) is for ViT-family models"):
+        tome.apply_patch(_unpatched(None), r=8)
+    with pytest.raises(ValueError, match="ratio is for dense MiT models"):
+        tome.apply_patch(create_model("vit_tiny_patch16_224"), ratio=0.5)
