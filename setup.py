@@ -18,9 +18,17 @@ setup(
     ],
     extras_require={
         "cpu": ["paddlepaddle>=3.0"],
-        "gpu": ["paddlepaddle-gpu>=3.0"],
-        # nbclient/ipykernel execute the notebooks headless in the tests so they cannot rot
-        "test": ["pytest>=7", "nbclient>=0.9", "nbformat>=5.9", "ipykernel>=6"],
+        # Paddle 3.x GPU wheels are only on Paddle's own index, one per CUDA version (README, section GPU),
+        # so pip cannot resolve paddlepaddle-gpu>=3.0 here: install Paddle first, then `.[gpu]`, which adds
+        # what plfusion-env reads the NVIDIA driver with (nvidia-smi is the fallback).
+        "gpu": ["nvidia-ml-py>=12"],
+        # export --onnx and the onnxruntime engine (tested: paddle2onnx 2.1, which converts Paddle 3's PIR
+        # .json models, and onnxruntime 1.32)
+        "onnx": ["paddle2onnx>=2.1", "onnxruntime>=1.20"],
+        # nbclient/ipykernel execute the notebooks headless in the tests so they cannot rot; the ONNX
+        # packages are here too because the tests (and so CI) run the ONNX export and engine
+        "test": ["pytest>=7", "nbclient>=0.9", "nbformat>=5.9", "ipykernel>=6", "paddle2onnx>=2.1",
+                 "onnxruntime>=1.20"],
     },
     entry_points={
         "console_scripts": [
@@ -29,6 +37,7 @@ setup(
             "plfusion-export=plfusion.cli:export_main",
             "plfusion-benchmark=plfusion.cli:benchmark_main",
             "plfusion-launch=plfusion.launch:main",
+            "plfusion-env=plfusion.env:main",
         ],
     },
 )

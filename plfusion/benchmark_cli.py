@@ -8,7 +8,10 @@
 
 (also `python tools/benchmark.py`). Engines: `dygraph` runs the model eagerly; `inference`
 exports it (plfusion.export, checked against dygraph) and runs it with Paddle Inference, as
-plfusion.inference.Predictor serves it (oneDNN on; `--onednn on off` measures both). With
+plfusion.inference.Predictor serves it (oneDNN on; `--onednn on off` measures both);
+`onnxruntime` (not in the default; needs the .[onnx] extra) runs the same export's model.onnx
+with onnxruntime, its batch fixed at --batch-size (GeminiFusion's dynamic batch does not
+convert), as Predictor(engine="onnxruntime") serves it. With
 `--tome-r` the model is ToMe-patched and every r is measured (r=0 always, as the baseline of
 the `vs r=0` column); each r is exported on its own, since r is fixed in the graph.
 
@@ -29,15 +32,17 @@ from .export import parse_img_size, add_model_args
 
 __all__ = ["parse_args", "main", "ENGINES"]
 
-ENGINES = ("dygraph", "inference")
+ENGINES = ("dygraph", "inference", "onnxruntime")
+DEFAULT_ENGINES = ("dygraph", "inference")
+EXPORTED = ("inference", "onnxruntime")    # engines that run the exported model
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="plfusion-benchmark", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, required=False)
-    p.add_argument("--engine", nargs="+", default=list(ENGINES), choices=ENGINES,
-                   help="engines to measure side by side (default: both)")
+    p.add_argument("--engine", nargs="+", default=list(DEFAULT_ENGINES), choices=ENGINES,
+                   help="engines to measure side by side (default: dygraph inference)")
     p.add_argument("--tome-r", nargs="+", default=None, metavar="R",
                    help="ToMe r values: 16, '16,-1' (r, inflection) or '[8,8,4]'; r=0 is added as the baseline")
     p.add_argument("--onednn", nargs="+", default=["on"], choices=("on", "off"),
@@ -120,9 +125,16 @@ def main(argv=None):
     import paddle
     from .export import DynamicBatchError, build_model_from_args, export_model, input_layout, input_specs
     from .inference import create_paddle_predictor, run_paddle_predictor
+    from .onnx_engine import ONNX_FILE, create_onnx_session, run_onnx_session
     from .patches import tome
     from .utils.benchmark import available_cpus, compare_throughput, latency_percentiles, peak_memory, print_table
     from .utils.flops import count_flops
+
+    use_onnx = "onnxruntime" in args.engine
+    if use_onnx:
+        from .onnx_export import require_onnx_export
+        require_onnx_export()     # one clear message before the model is built
+        import onnxruntime
 
     model, cfg = build_model_from_args(args)
     model.eval()
@@ -161,16 +173,26 @@ def main(argv=None):
                 if r not in exported:
                     set_r(r)
                     out_dir = os.path.join(tmp, f"r_{len(exported)}")
+                    # one export serves both engines; the ONNX batch is the one measured
+                    onnx = {"onnx": use_onnx, "onnx_batch_size": args.batch_size if use_onnx else None}
                     try:
                         exported[r] = export_model(model, out_dir, cfg, (h, w), check_batch=1,
-                                                   threads=cpu["threads"])["prefix"]
+                                                   threads=cpu["threads"], **onnx)["prefix"]
                     except DynamicBatchError:   # e.g. Swin: the batch measured here, fixed in the graph
                         exported[r] = export_model(model, out_dir, cfg, (h, w), threads=cpu["threads"],
-                                                   batch_size=args.batch_size)["prefix"]
-                predictor, _ = create_paddle_predictor(exported[r], threads=cpu["threads"], onednn=onednn == "on")
+                                                   batch_size=args.batch_size, **onnx)["prefix"]
+                if engine == "onnxruntime":
+                    session = create_onnx_session(os.path.join(os.path.dirname(exported[r]), ONNX_FILE),
+                                                  cpu["threads"])
 
-                def fn(predictor=predictor):
-                    run_paddle_predictor(predictor, arrays)
+                    def fn(session=session):
+                        run_onnx_session(session, arrays)
+                else:
+                    predictor, _ = create_paddle_predictor(exported[r], threads=cpu["threads"],
+                                                           onednn=onednn == "on")
+
+                    def fn(predictor=predictor):
+                        run_paddle_predictor(predictor, arrays)
             fns[label] = fn
             row = {"setting": label, "engine": engine, "r": r if r is not None else "-",
                    "onednn": onednn if engine == "inference" else "-"}
@@ -186,7 +208,9 @@ def main(argv=None):
         inputs = f"{shapes[0][1]}x{h}x{w}" + (f" x {len(shapes)} modalities" if len(shapes) > 1 else "")
         print(f"model {name} | engines {' '.join(args.engine)} | batch {args.batch_size} | threads {cpu['threads']} "
               f"(paddle.base.core.set_num_threads; {available_cpus()} usable cores) | input {inputs}"
-              f" | MKL AVX2 kernels {'on' if cpu['mkl_avx2'] else 'off'} ({cpu['vendor']}) | {args.iters} timed "
+              + (f" | onnxruntime {onnxruntime.__version__} (intra_op_num_threads {cpu['threads']}, ONNX batch "
+                 f"fixed at {args.batch_size})" if use_onnx else "")
+              + f" | MKL AVX2 kernels {'on' if cpu['mkl_avx2'] else 'off'} ({cpu['vendor']}) | {args.iters} timed "
               f"rounds after {args.warmup} warm-up, medians | load average {load_before[0]:.2f}", flush=True)
         base = settings[0][0]
         timing = compare_throughput(fns, args.batch_size, args.iters, args.warmup, baseline=base)
@@ -214,6 +238,7 @@ def main(argv=None):
               "threads": cpu["threads"], "mkl_avx2": cpu["mkl_avx2"], "cpu_vendor": cpu["vendor"],
               "img_size": [h, w], "inputs": names, "iters": args.iters,
               "warmup": args.warmup, "paddle": paddle.__version__, "python": platform.python_version(),
+              "onnxruntime": onnxruntime.__version__ if use_onnx else None,
               "cpus_available": available_cpus(), "load_average": [load_before[0], load_after[0]],
               "results": list(rows.values()), "times_s": {label: timing[label]["times"] for label in fns}}
     if args.json:

@@ -10,6 +10,9 @@ the dygraph output raises ExportMismatchError. Only then is DIR/deploy.yaml writ
 and shapes, modalities, the val pre-processing with its normalisation stats, num_classes, class
 names, palette and task, which is everything the Predictor needs.
 
+With --onnx (export_model(onnx=True), the `.[onnx]` extra) DIR/model.onnx is written too,
+converted by paddle2onnx and checked through onnxruntime the same way (plfusion.onnx_export).
+
 Fixed in the graph: the input size (token counts are static) and a ToMe model's r; the batch
 stays dynamic. Classifiers take one input `image`; multimodal segmentors (TokenFusion,
 GeminiFusion) one input per modality, named after it (`rgb`, `depth`), and return the
@@ -34,6 +37,7 @@ __all__ = ["ExportMismatchError", "DynamicBatchError", "export_model", "save_mod
 logger = logging.getLogger(__name__)
 
 CHECK_ENGINES = ("jit", "inference")
+ONNX_CHECK = "onnxruntime"     # checks model.onnx beside the prefix; only for exports with --onnx
 MAX_INPUTS = 8
 SEG_STEPS = ("Resize", "Normalize", "ToCHW")
 CLS_STEPS = ("ResizeCenterCrop", "Normalize", "ToCHW")
@@ -372,12 +376,14 @@ def verify_export(expected, prefix, inputs, atol=1e-4, rtol=1e-4, engines=CHECK_
     as numpy arrays); raise ExportMismatchError on a mismatch.
 
     engines: 'jit' (paddle.jit.load) and/or 'inference' (Paddle Inference on the CPU with oneDNN,
-    as the Predictor serves it). Returns {engine: largest absolute difference}."""
+    as the Predictor serves it), and 'onnxruntime' (the model.onnx beside PREFIX).
+    Returns {engine: largest absolute difference}."""
     import paddle
     arrays = [x.numpy() if isinstance(x, paddle.Tensor) else np.asarray(x, np.float32) for x in inputs]
-    unknown = [e for e in engines if e not in CHECK_ENGINES]
+    unknown = [e for e in engines if e not in CHECK_ENGINES + (ONNX_CHECK,)]
     if unknown:
-        raise ValueError(f"verify_export: unknown engines {unknown}; expected some of {list(CHECK_ENGINES)}")
+        raise ValueError(f"verify_export: unknown engines {unknown}; expected some of "
+                         f"{list(CHECK_ENGINES + (ONNX_CHECK,))}")
     worst = {}
     if "jit" in engines:
         loaded = paddle.jit.load(prefix)
@@ -388,11 +394,16 @@ def verify_export(expected, prefix, inputs, atol=1e-4, rtol=1e-4, engines=CHECK_
         predictor, _ = create_paddle_predictor(prefix, threads=threads)
         worst["inference"] = _compare(expected, run_paddle_predictor(predictor, arrays), prefix,
                                       "Paddle Inference (oneDNN)", atol, rtol)
+    if ONNX_CHECK in engines:
+        from .onnx_engine import ONNX_FILE
+        from .onnx_export import verify_onnx
+        worst[ONNX_CHECK] = verify_onnx(expected, os.path.join(os.path.dirname(prefix), ONNX_FILE), arrays, atol,
+                                        rtol, threads or 1)
     return worst
 
 
 def export_model(model, out_dir, cfg=None, img_size=None, check_batch=2, atol=1e-4, rtol=1e-4, seed=0,
-                 threads=None, source=None, batch_size=None):
+                 threads=None, source=None, batch_size=None, onnx=False, onnx_batch_size=None, onnx_opset=None):
     """Export `model` (built from `cfg`, if given) to `out_dir`, check it, write deploy.yaml.
 
     The check feeds a seeded standard-normal batch of `check_batch` (a normalised image's range)
@@ -400,9 +411,14 @@ def export_model(model, out_dir, cfg=None, img_size=None, check_batch=2, atol=1e
     only when they agree. `batch_size` fixes the batch in the graph (default: dynamic; Swin and
     MViTv2 need a fixed one, their reshapes name the batch) and is then the check batch too.
     `source` (a dict, e.g. config and weights paths) is recorded in deploy.yaml.
+    onnx=True also writes model.onnx (see plfusion.onnx_export: `onnx_batch_size` fixes its batch,
+    `onnx_opset` its opset) and checks it through onnxruntime on the same batch.
     Returns the deploy dict, with `prefix` (the saved model's path prefix) added."""
     import paddle
     from .patches import tome
+    if onnx:
+        from .onnx_export import require_onnx_export
+        require_onnx_export()     # before the slow part
     for name, value in (("check_batch", check_batch), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"export: {name} must be a positive int, got {value!r}")
@@ -422,6 +438,10 @@ def export_model(model, out_dir, cfg=None, img_size=None, check_batch=2, atol=1e
             entry["shape"][0] = batch_size
     prefix = save_model(model, specs, out_dir)
     worst = verify_export(expected, prefix, arrays, atol, rtol, threads=threads)
+    if onnx:
+        from .onnx_export import ONNX_OPSET, export_onnx
+        info["onnx"], worst[ONNX_CHECK] = export_onnx(model, specs, prefix, expected, arrays, atol, rtol,
+                                                      threads or 1, onnx_batch_size, onnx_opset or ONNX_OPSET)
     info["check"] = {"batch": check_batch, "atol": atol, "rtol": rtol, "seed": seed,
                      "max_abs_diff": {k: float(v) for k, v in worst.items()}}
     if tome.is_patched(model):
@@ -471,11 +491,19 @@ def parse_args(argv=None):
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--rtol", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every usable core)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx (paddle2onnx), checked through onnxruntime; needs the .[onnx] extra")
+    p.add_argument("--onnx-batch-size", type=int, default=None, metavar="N",
+                   help="fix the ONNX model's batch (default: as the Paddle model; a dynamic batch that does not "
+                        "convert falls back to 1)")
+    p.add_argument("--onnx-opset", type=int, default=None, metavar="N", help="ONNX opset (default: 17)")
     args = p.parse_args(argv)
     if args.override and not args.config:
         p.error("-o/--override needs -c/--config")
+    if (args.onnx_batch_size is not None or args.onnx_opset is not None) and not args.onnx:
+        p.error("--onnx-batch-size and --onnx-opset need --onnx")
     args.img_size = parse_img_size(args.img_size, p)
-    for name in ("check_batch", "batch_size"):
+    for name in ("check_batch", "batch_size", "onnx_batch_size", "onnx_opset"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -533,11 +561,18 @@ def main(argv=None):
     source = {"config": args.config, "model": args.model, "pretrained": args.pretrained, "overrides": args.override}
     info = export_model(model, args.out, cfg, args.img_size, args.check_batch, args.atol, args.rtol,
                         threads=args.threads, source={k: v for k, v in source.items() if v},
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, onnx=args.onnx, onnx_batch_size=args.onnx_batch_size,
+                        onnx_opset=args.onnx_opset)
     shapes = [i["shape"] for i in info["inputs"]]
     print(f"saved {info['prefix']}.* and {os.path.join(args.out, DEPLOY_FILE)} ({info['task']}, inputs "
           f"{[i['name'] for i in info['inputs']]} {shapes}); on a random batch of {info['check']['batch']} the saved "
           f"model matches dygraph: max |diff| "
           + ", ".join(f"{k} {v:.3g}" for k, v in info["check"]["max_abs_diff"].items()))
+    if "onnx" in info:
+        onnx = info["onnx"]
+        batch = "dynamic" if onnx["batch"] == -1 else f"fixed at {onnx['batch']}"
+        print(f"saved {os.path.join(args.out, onnx['model_file'])} (opset {onnx['opset']}, batch {batch}"
+              + (f"; the dynamic batch does not convert: {onnx['dynamic_batch_error']}"
+                 if "dynamic_batch_error" in onnx else "") + ")")
     sys.stdout.flush()
     return info["prefix"]

@@ -1,5 +1,6 @@
-"""Serve a model: `Predictor` runs an exported model with Paddle Inference, `DygraphPredictor` a
-dygraph model; both share one pre- and post-processing, so they give the same predictions.
+"""Serve a model: `Predictor` runs an exported model with Paddle Inference (engine="paddle") or
+onnxruntime (engine="onnxruntime", the export's model.onnx), `DygraphPredictor` a dygraph model;
+all share one pre- and post-processing, so they give the same predictions.
 
     from plfusion.inference import Predictor
     pred = Predictor("out/gf_b0")                     # a directory written by plfusion-export
@@ -15,7 +16,8 @@ through a softmax and the top-k classes are returned.
 CPU: oneDNN is on by default and the thread count comes from the argument, else deploy.yaml's
 `runtime.cpu_threads` (the config's `infer.cpu_threads` at export), else every usable core.
 GPU: `device="gpu"`, optionally with TensorRT (`tensorrt=True`, `precision="fp16"`); when
-TensorRT is not available it runs on the GPU without it and says so.
+TensorRT is not available it runs on the GPU without it and says so. onnxruntime runs on the CPU
+with the same thread count (plfusion.onnx_engine).
 """
 import logging
 import os
@@ -24,11 +26,13 @@ import re
 import numpy as np
 import yaml
 
+from .paddle_check import require_gpu
 from .utils.cpu import available_cpus, configure_cpu
 
 __all__ = ["Predictor", "DygraphPredictor", "load_deploy", "Preprocess", "upsample_argmax", "softmax_topk",
            "create_paddle_predictor", "run_paddle_predictor", "flatten_outputs", "program_ops", "tensorrt_available",
-           "DeployError", "DEPLOY_FILE", "PREFIX", "DEPLOY_FORMAT", "DEPLOY_VERSION", "TASKS"]
+           "run_in_fixed_batches", "DeployError", "DEPLOY_FILE", "PREFIX", "DEPLOY_FORMAT", "DEPLOY_VERSION", "TASKS",
+           "ENGINES"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ DEPLOY_FILE = "deploy.yaml"
 DEPLOY_FORMAT = "plfusion-deploy"
 DEPLOY_VERSION = 1
 TASKS = ("segmentation", "classification", "features")
+ENGINES = ("paddle", "onnxruntime")
 # Two oneDNN defects of Paddle Inference 3.3 (PIR), worked around here:
 # - the in-place pass reuses a tensor's buffer after a oneDNN layout conversion that aliases it:
 #   with ToMe's proportional attention, log(size) overwrites size and the output is NaN. Dropping
@@ -191,7 +196,6 @@ def create_paddle_predictor(prefix, device="cpu", threads=None, onednn=True, ten
     """A paddle.inference predictor for PREFIX.json/.pdiparams. Returns (predictor, settings dict).
 
     CPU: `threads` (default every usable core), oneDNN on unless onednn=False. GPU: see Predictor."""
-    import paddle
     import paddle.inference as pi
     if device not in ("cpu", "gpu"):
         raise ValueError(f"Predictor: device must be 'cpu' or 'gpu', got {device!r}")
@@ -205,9 +209,7 @@ def create_paddle_predictor(prefix, device="cpu", threads=None, onednn=True, ten
     config.disable_glog_info()
     settings = {"device": device}
     if device == "gpu":
-        if not paddle.is_compiled_with_cuda():
-            raise RuntimeError("Predictor(device='gpu'): this paddle build has no CUDA support; install "
-                               "paddlepaddle-gpu, or use device='cpu'")
+        require_gpu("Predictor(device='gpu')", "device='cpu'", index=gpu_id)
         settings["tensorrt"] = _gpu_config(config, gpu_id, gpu_memory_mb, tensorrt, precision, max_batch_size,
                                            input_shapes or {})
         settings["precision"] = precision
@@ -301,22 +303,33 @@ class _PredictorBase:
 
 
 class Predictor(_PredictorBase):
-    """An exported model (a plfusion-export directory) run by Paddle Inference.
+    """An exported model (a plfusion-export directory) run by Paddle Inference or onnxruntime.
 
-    device 'cpu': oneDNN on (onednn=False turns it off), `threads` intra-op threads.
-    device 'gpu': `gpu_id`, and with tensorrt=True a TensorRT engine in `precision` 'fp32' or
-    'fp16' for batches up to `max_batch_size`; without TensorRT in this build, plain GPU."""
+    engine 'paddle' (default), device 'cpu': oneDNN on (onednn=False turns it off), `threads`
+    intra-op threads. device 'gpu': `gpu_id`, and with tensorrt=True a TensorRT engine in
+    `precision` 'fp32' or 'fp16' for batches up to `max_batch_size`; without TensorRT in this
+    build, plain GPU.
+    engine 'onnxruntime': the export's model.onnx (`plfusion-export --onnx`) on the CPU with
+    `threads` intra-op threads; needs the `.[onnx]` extra.
+    A model exported with a fixed batch runs any batch, in chunks of its batch."""
 
     def __init__(self, model_dir, device="cpu", threads=None, onednn=True, tensorrt=False, precision="fp32",
-                 gpu_id=0, gpu_memory_mb=512, max_batch_size=8):
+                 gpu_id=0, gpu_memory_mb=512, max_batch_size=8, engine="paddle"):
+        if engine not in ENGINES:
+            raise ValueError(f"Predictor: engine must be one of {list(ENGINES)}, got {engine!r}")
         deploy = load_deploy(model_dir)
         super().__init__(deploy)
         if threads is None:
             threads = (deploy.get("runtime") or {}).get("cpu_threads") or available_cpus()
         shapes = {i["name"]: list(i["shape"]) for i in deploy["inputs"]}
+        if engine == "onnxruntime":
+            self._init_onnx(model_dir, device, threads, tensorrt, precision)
+            return
         prefix = os.path.join(model_dir, os.path.splitext(deploy["model_file"])[0])
         self.predictor, self.settings = create_paddle_predictor(
             prefix, device, threads, onednn, tensorrt, precision, gpu_id, gpu_memory_mb, max_batch_size, shapes)
+        self.settings["engine"] = engine
+        self.batch = next(iter(shapes.values()))[0]
         names = list(self.predictor.get_input_names())
         if names != list(shapes):
             raise DeployError(f"{model_dir}: the model's inputs are {names} but {DEPLOY_FILE} lists {list(shapes)}")
@@ -324,9 +337,36 @@ class Predictor(_PredictorBase):
         if n_out != len(deploy["outputs"]):
             raise DeployError(f"{model_dir}: the model has {n_out} outputs but {DEPLOY_FILE} lists "
                               f"{len(deploy['outputs'])}")
+        self._run = lambda inputs: run_paddle_predictor(self.predictor, inputs)
+
+    def _init_onnx(self, model_dir, device, threads, tensorrt, precision):
+        from .onnx_engine import create_onnx_session, run_onnx_session, session_shapes
+        if device != "cpu" or tensorrt or precision != "fp32":
+            raise ValueError("Predictor: engine='onnxruntime' runs fp32 on the CPU here; use engine='paddle' for the "
+                             "GPU, TensorRT or fp16")
+        onnx = self.deploy.get("onnx")
+        if not onnx:
+            raise DeployError(f"{model_dir}: exported without ONNX; export again with --onnx "
+                              f"(plfusion-export --onnx) for engine='onnxruntime'")
+        path = os.path.join(model_dir, onnx["model_file"])
+        if not os.path.isfile(path):
+            raise DeployError(f"{model_dir}: {DEPLOY_FILE} names {onnx['model_file']!r}, which is not there")
+        self.session = create_onnx_session(path, threads)
+        cpu = configure_cpu(threads)    # paddle's threads for the post-processing
+        ins, outs = session_shapes(self.session)
+        want = [i["name"] for i in self.deploy["inputs"]]
+        if list(ins) != want:
+            raise DeployError(f"{path}: the model's inputs are {list(ins)} but {DEPLOY_FILE} lists {want}")
+        if len(outs) != len(self.deploy["outputs"]):
+            raise DeployError(f"{path}: the model has {len(outs)} outputs but {DEPLOY_FILE} lists "
+                              f"{len(self.deploy['outputs'])}")
+        self.batch = next(iter(ins.values()))[0]
+        self.settings = {"engine": "onnxruntime", "device": "cpu", "threads": threads, "batch": self.batch,
+                         "mkl_avx2": cpu["mkl_avx2"]}
+        self._run = lambda inputs: run_onnx_session(self.session, inputs)
 
     def run(self, inputs):
-        return run_paddle_predictor(self.predictor, inputs)
+        return run_in_fixed_batches(self._run, inputs, self.batch)
 
 
 class DygraphPredictor(_PredictorBase):
@@ -344,6 +384,23 @@ class DygraphPredictor(_PredictorBase):
         with paddle.no_grad():
             out = self.model(tensors if len(tensors) > 1 else tensors[0])
         return [t.numpy() for t in flatten_outputs(out)]
+
+
+def run_in_fixed_batches(run, inputs, batch):
+    """`run` (numpy inputs -> numpy outputs) of a graph whose batch is fixed at `batch`, on inputs of
+    any batch: in chunks of `batch`, the last one padded with copies of its last sample (samples
+    are independent in these models), outputs cut back. `batch` None or -1: one call as given."""
+    n = inputs[0].shape[0]
+    if batch is None or batch < 1 or n == batch:
+        return run(inputs)
+    parts = []
+    for start in range(0, n, batch):
+        chunk = [x[start:start + batch] for x in inputs]
+        k = chunk[0].shape[0]
+        if k < batch:
+            chunk = [np.concatenate([c, np.repeat(c[-1:], batch - k, axis=0)]) for c in chunk]
+        parts.append([o[:k] for o in run(chunk)])
+    return [np.concatenate(outs) for outs in zip(*parts)]
 
 
 def flatten_outputs(out):

@@ -2,11 +2,13 @@
 
     python tools/infer.py -c CONFIG --checkpoint CKPT --rgb a.png --depth b.png --out pred.png
     python tools/infer.py --engine inference --model-dir out/gf_b3 --rgb a.png --depth b.png --out pred.png
+    python tools/infer.py --engine onnxruntime --model-dir out/gf_b3 --rgb a.png --depth b.png --out pred.png
     python tools/infer.py -c configs/quickstart/vit_tiny_synthetic.yaml --checkpoint CKPT --image x.png
 
 `--engine dygraph` (the default without --model-dir) builds the model from the config and loads
 --checkpoint (a weights file, a training checkpoint or a run directory); `--engine inference`
-serves the directory written by tools/export.py with Paddle Inference. Both use the config's val
+serves the directory written by tools/export.py with Paddle Inference, `--engine onnxruntime` its
+model.onnx (exported with --onnx; needs the .[onnx] extra). All use the config's val
 pre-processing (Resize, Normalize, ToCHW per modality) and the same post-processing (the
 ensemble logits upsampled to the input size, arg-max, the dataset palette), so they predict the
 same labels. Depth is read as the datasets read it (8-bit /255, 16-bit /65535).
@@ -21,16 +23,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from plfusion.export import parse_img_size, add_model_args  # noqa: E402
 
 MODALITY_ARGS = ("rgb", "depth")
+# --engine -> Predictor(engine=...) for the exported model; dygraph builds the model instead
+SERVING_ENGINES = {"inference": "paddle", "onnxruntime": "onnxruntime"}
+ENGINES = ("dygraph",) + tuple(SERVING_ENGINES)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, required=False)
-    p.add_argument("--engine", choices=("dygraph", "inference"), default=None,
-                   help="dygraph (config + checkpoint) or inference (--model-dir); default: inference when "
-                        "--model-dir is given")
-    p.add_argument("--model-dir", help="directory written by tools/export.py (for --engine inference)")
+    p.add_argument("--engine", choices=ENGINES, default=None,
+                   help="dygraph (config + checkpoint), inference (Paddle Inference) or onnxruntime (--model-dir, "
+                        "exported with --onnx); default: inference when --model-dir is given")
+    p.add_argument("--model-dir", help="directory written by tools/export.py (for --engine inference/onnxruntime)")
     p.add_argument("--rgb", help="RGB image (segmentation)")
     p.add_argument("--depth", help="depth image (segmentation)")
     p.add_argument("--image", help="RGB image (classification)")
@@ -42,15 +47,17 @@ def parse_args(argv=None):
     p.add_argument("--no-onednn", action="store_true", help="inference engine: run without oneDNN")
     args = p.parse_args(argv)
     args.engine = args.engine or ("inference" if args.model_dir else "dygraph")
-    if args.engine == "inference":
+    if args.engine in SERVING_ENGINES:
         if not args.model_dir:
-            p.error("--engine inference needs --model-dir (a directory written by tools/export.py)")
+            p.error(f"--engine {args.engine} needs --model-dir (a directory written by tools/export.py)")
         if args.config or args.model or args.pretrained:
-            p.error("--engine inference serves --model-dir as exported; -c/--model/--checkpoint are for --engine "
-                    "dygraph")
+            p.error(f"--engine {args.engine} serves --model-dir as exported; -c/--model/--checkpoint are for "
+                    f"--engine dygraph")
+        if args.no_onednn and args.engine != "inference":
+            p.error("--no-onednn is for --engine inference (Paddle Inference)")
     else:
         if args.model_dir:
-            p.error("--model-dir is for --engine inference")
+            p.error("--model-dir is for --engine inference or onnxruntime")
         if not (args.config or args.model):
             p.error("--engine dygraph needs -c CONFIG (or --model NAME)")
     if args.override and not args.config:
@@ -66,10 +73,11 @@ def parse_args(argv=None):
 
 
 def make_predictor(args):
-    """The Predictor (inference) or DygraphPredictor (dygraph) the arguments ask for."""
+    """The Predictor (inference, onnxruntime) or DygraphPredictor (dygraph) the arguments ask for."""
     from plfusion.inference import DygraphPredictor, Predictor
-    if args.engine == "inference":
-        return Predictor(args.model_dir, threads=args.threads, onednn=not args.no_onednn)
+    if args.engine in SERVING_ENGINES:
+        return Predictor(args.model_dir, threads=args.threads, onednn=not args.no_onednn,
+                         engine=SERVING_ENGINES[args.engine])
     from plfusion.export import build_model_from_args, deploy_info
     model, cfg = build_model_from_args(args)
     if not args.pretrained:
