@@ -173,3 +173,28 @@ def test_errors_name_the_setting():
         tome.apply_patch(_unpatched(None), r=8)
     with pytest.raises(ValueError, match="ratio is for dense MiT models"):
         tome.apply_patch(create_model("vit_tiny_patch16_224"), ratio=0.5)
+
+
+def test_eval_tome_ratio_table_on_a_trained_fusion_run(tmp_path, capsys):
+    import json
+    import os
+
+    from plfusion.engine.cli import eval_main, train_main
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = os.path.join(root, "configs", "quickstart", "geminifusion_mit_b0_synthetic.yaml")
+    out = str(tmp_path / "run")
+    shrink = ["-o", "dataloader.train.dataset.num_samples=8", "-o", "dataloader.train.dataset.image_size=[32,48]",
+              "-o", "dataloader.val.dataset.num_samples=6", "-o", "dataloader.val.dataset.image_size=[32,48]",
+              "-o", "dataloader.train.sampler.batch_size=2", "-o", "dataloader.val.sampler.batch_size=3",
+              "-o", "eval.save_predictions=0", "-o", f"output_dir={out}", "--threads", "1"]
+    assert train_main(["-c", cfg, *shrink, "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert eval_main(["-c", cfg, *shrink, "--resume", out, "--tome-ratio", "0", "0.5", "0.75,0.5,0.25,0"]) == 0
+    table = capsys.readouterr().out
+    assert "ToMe (dense) on 6 val samples" in table and "mIoU" in table and "GFLOPs" in table
+    rows = json.load(open(os.path.join(out, "eval_results.json")))["tome"]
+    assert [r["ratio"] for r in rows] == ["0.0", "0.5", "[0.75, 0.5, 0.25, 0.0]"]
+    assert rows[0]["gflops"] > rows[1]["gflops"] and rows[0]["gflops"] > rows[2]["gflops"]
+    assert all(0 <= r["miou"] <= 100 and r["samples"] == 6 for r in rows)
+    assert eval_main(["-c", cfg, *shrink, "--resume", out, "--tome-ratio", "0.9"]) == 2
+    assert "a number in [0, 0.75]" in capsys.readouterr().err

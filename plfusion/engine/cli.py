@@ -56,6 +56,9 @@ def build_parser(prog, eval_only=False):
     p.add_argument("--tome-r", nargs="+", default=None, metavar="R",
                    help="with evaluation: evaluate at each ToMe r (16, '16,-1' for (r, inflection), '[8,8,4]') in one "
                         "pass and print accuracy, images/s and GFLOPs per r; the first r is the speed-up baseline")
+    p.add_argument("--tome-ratio", nargs="+", default=None, metavar="RATIO",
+                   help="with evaluation of a dense MiT model: evaluate at each ToMe merge ratio (0.5, or one per "
+                        "stage: '0.5,0.5,0.25,0') and print mIoU, images/s and GFLOPs per setting")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads per process (default: usable cores / processes on this machine)")
     p.add_argument("--device", choices=("cpu", "gpu"), default=None,
@@ -113,6 +116,29 @@ def _parse_tome_r(values):
     return r_values
 
 
+def _parse_tome_ratio(values):
+    if values is None:
+        return None
+    out = []
+    for v in values:
+        try:
+            parts = [float(p) for p in str(v).split(",")]
+        except ValueError:
+            raise ConfigError(f"--tome-ratio: cannot read {v!r}; expected a number like 0.5 or one per stage like "
+                              f"'0.5,0.5,0.25,0'") from None
+        out.append(parts[0] if len(parts) == 1 else parts)
+    return out
+
+
+def _print_tome_ratio_table(rows, trainer, threads):
+    from ..utils.benchmark import format_table
+    columns = [("ratio", "ratio", "{}"), ("miou", "mIoU", "{:.2f}"), ("pixel_acc", "pixel acc", "{:.2f}"),
+               ("ips", "images/s", "{:.2f}"), ("speedup", "speed-up", "{:.2f}x"), ("gflops", "GFLOPs", "{:.3f}")]
+    title = (f"ToMe (dense) on {rows[0]['samples']} val samples | batch {trainer.val_loader.batch_size} x "
+             f"{trainer.world_size} process(es) | {threads} CPU thread(s) | images/s: one evaluation pass per ratio")
+    print(format_table(rows, columns, title=title), flush=True)
+
+
 def _print_tome_table(rows, trainer, threads):
     from ..utils.benchmark import format_table
     loader = trainer.val_loader
@@ -144,10 +170,20 @@ def _run(args, eval_mode):
         if args.tome_r is not None and not eval_mode:
             raise ConfigError("--tome-r is an evaluation option: use it with --eval (or plfusion-eval)")
         r_values = _parse_tome_r(args.tome_r)
+        ratios = _parse_tome_ratio(args.tome_ratio)
+        if ratios is not None and (not eval_mode or r_values is not None):
+            raise ConfigError("--tome-ratio is an evaluation option for dense models: use it with --eval (or "
+                              "plfusion-eval), and without --tome-r")
         select_device(args.device)
         cfg = get_config(args.config, args.override)
         threads = configure_threads(args.threads)
-        if eval_mode and r_values is not None:
+        if ratios is not None:
+            trainer = Trainer(cfg, mode="eval")
+            rows = trainer.evaluate_tome_dense(ratios, resume=args.resume, pretrained=args.pretrained,
+                                               use_ema=args.ema)
+            if trainer.is_main:
+                _print_tome_ratio_table(rows, trainer, threads)
+        elif eval_mode and r_values is not None:
             trainer = Trainer(cfg, mode="eval")
             rows = trainer.evaluate_tome(r_values, resume=args.resume, pretrained=args.pretrained, use_ema=args.ema)
             if trainer.is_main:

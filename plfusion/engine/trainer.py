@@ -889,6 +889,56 @@ class Trainer:
                               f"config's model (architecture, num_classes) does not match these weights")
         return pretrained
 
+    def evaluate_tome_dense(self, ratios, resume=None, pretrained=None, use_ema=False):
+        """Evaluate a dense MiT model (segmentor, fused or not) at each ToMe merge ratio.
+
+        One evaluation pass per ratio; images/s is that pass's samples over its seconds (data
+        loading included, after one untimed warm-up batch), GFLOPs from utils.flops on one sample.
+        Returns one row per ratio and writes <output_dir>/eval_results.json (rank 0)."""
+        from ..patches import tome
+        from ..patches.tome.dense import find_mit
+        from ..utils.flops import count_flops
+        if not ratios:
+            raise ValueError("evaluate_tome_dense: no ratios given")
+        source = self._load_eval_weights(resume, pretrained, use_ema)
+        net = D.unwrap_model(self.model)
+        if find_mit(net) is None:
+            raise ConfigError(f"--tome-ratio: merge ratios are for dense MiT models; {type(net).__name__} has no "
+                              f"MixVisionTransformer (use --tome-r for ViT-family models)")
+        if not tome.is_patched(net):
+            tome.apply_patch(net, ratio=0.0)
+        for ratio in ratios:
+            try:
+                net.ratio = ratio   # validates every setting before the long passes
+            except ValueError as e:
+                raise ConfigError(f"--tome-ratio: {e}") from None
+        x0 = self.val_loader.dataset[0][0]
+        shapes = [[1] + list(a.shape) for a in x0] if isinstance(x0, (list, tuple)) else [1] + list(x0.shape)
+        warm = next(iter(self.val_loader))[0]
+        rows = []
+        for ratio in ratios:
+            net.ratio = ratio
+            gflops = count_flops(net, shapes)
+            with paddle.no_grad():
+                net.eval()
+                net(warm)
+            start = time.perf_counter()
+            metrics = self.evaluator.run(net, self.val_loader, desc=f"eval ToMe ratio {ratio}")
+            seconds = time.perf_counter() - start
+            rows.append({"ratio": str(ratio), "miou": metrics.get("miou"), "pixel_acc": metrics.get("pixel_acc"),
+                         "samples": metrics["samples"], "ips": metrics["samples"] / self.world_size / seconds,
+                         "gflops": gflops})
+        for row in rows:
+            row["speedup"] = row["ips"] / rows[0]["ips"]
+        logger.info("ToMe evaluation of %s: %s", source, "; ".join(
+            f"ratio={row['ratio']} miou {row['miou']:.2f} images/s {row['ips']:.2f}" for row in rows))
+        if self.is_main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            dump_config(self.cfg, os.path.join(self.output_dir, "eval_config.yaml"))
+            atomic_write_text(json.dumps({"weights": source, "input_shapes": shapes, "tome": _jsonable(rows)},
+                                         indent=1), os.path.join(self.output_dir, "eval_results.json"))
+        return rows
+
     def evaluate_tome(self, r_values, resume=None, pretrained=None, use_ema=False):
         """Evaluate the weights at each ToMe r of `r_values` in one pass over the val data.
 
