@@ -198,3 +198,29 @@ def test_eval_tome_ratio_table_on_a_trained_fusion_run(tmp_path, capsys):
     assert all(0 <= r["miou"] <= 100 and r["samples"] == 6 for r in rows)
     assert eval_main(["-c", cfg, *shrink, "--resume", out, "--tome-ratio", "0.9"]) == 2
     assert "a number in [0, 0.75]" in capsys.readouterr().err
+
+
+def test_dense_merge_picture_tool_draws_rgb_and_depth_per_ratio(tmp_path):
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("vis_dense", os.path.join(root, "tools", "visualize_tome_dense.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "m.png"
+    sheet = tool.main(["-c", os.path.join(root, "configs", "quickstart", "geminifusion_mit_b0_synthetic.yaml"),
+                       "-o", "dataloader.val.dataset.image_size=[48,64]", "--ratio", "0", "0.5", "--out", str(out)])
+    assert out.is_file() and sheet.dtype == np.uint8
+    assert sheet.shape[1] >= 2 * 64 and sheet.shape[0] >= 3 * 48      # 2 modalities x (inputs + 2 ratios)
+
+
+def test_dense_groups_follow_the_merge_map():
+    from plfusion.patches.tome.vis import dense_groups
+    seg = _unpatched("gemini")
+    tome.apply_patch(seg, ratio=0.5, trace_source=True)
+    _outs(seg, _inputs("gemini"))
+    groups = dense_groups(seg, stage=0, block=0)
+    assert groups.shape == (12, 16) and len(np.unique(groups)) == 12 * 16 - int(0.5 * 12 * 16)
+    seg.ratio = [0.0, 0.5, 0.5, 0.5]
+    _outs(seg, _inputs("gemini"))
+    assert dense_groups(seg, stage=0, block=0) is None and dense_groups(seg, stage=1, block=1).shape == (6, 8)

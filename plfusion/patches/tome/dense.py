@@ -107,6 +107,8 @@ class _DenseToMeBlock:
 
     def attn_branch(self, x, H, W):
         info = self._tome_info
+        if self._tome_stage == 0 and self._tome_index == 0:
+            info["maps"] = {}     # a new pass: no stale maps of blocks that merge nothing now
         ratio = info["ratios"][self._tome_stage]
         if ratio <= 0:
             return self._tome_orig_class.attn_branch(self, x, H, W)

@@ -2,7 +2,8 @@
 import cv2
 import numpy as np
 
-__all__ = ["make_visualization", "group_map", "merge_maps", "label_panel", "demo_image"]
+__all__ = ["make_visualization", "group_map", "paint_groups", "dense_groups", "merge_maps", "label_panel",
+           "demo_image"]
 
 
 def _to_numpy(t):
@@ -42,7 +43,14 @@ def make_visualization(img, source, patch_size=16, class_token=True, seed=0):
     if patch_size <= 0 or h < patch_size or w < patch_size:
         raise ValueError(f"make_visualization: patch_size {patch_size} does not fit a {h}x{w} image")
     groups = group_map(source, (h // patch_size, w // patch_size), class_token)
-    # nearest upsampling of the patch grid to pixels (the grid may not divide the image exactly)
+    return paint_groups(img, groups, seed)
+
+
+def paint_groups(img, groups, seed=0):
+    """Colour each group of a [gh, gw] int map (nearest-upsampled to the image) with its mean image
+    colour, outlined in a random colour. img: uint8 [H, W, 3]; returns uint8 [H, W, 3]."""
+    h, w = img.shape[:2]
+    # nearest upsampling of the token grid to pixels (the grid may not divide the image exactly)
     rows = np.arange(h) * groups.shape[0] // h
     cols = np.arange(w) * groups.shape[1] // w
     label = groups[rows[:, None], cols[None, :]]
@@ -59,6 +67,20 @@ def make_visualization(img, source, patch_size=16, class_token=True, seed=0):
             (pad[1:-1, :-2] != label) | (pad[1:-1, 2:] != label))
     out = np.where(edge[..., None], palette[label], mean[label])
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def dense_groups(model, stage=0, block=0, sample=0):
+    """[H, W] int map of one sample's merge groups in a block of a dense (MiT) model patched with
+    trace_source=True, after a forward pass; None when that block merged nothing."""
+    info = getattr(model, "_tome_info", None)
+    if info is None or not info.get("dense") or not info["trace_source"]:
+        raise ValueError(f"dense_groups: patch {type(model).__name__} with tome.apply_patch(model, trace_source=True) "
+                         f"first (a MiT model)")
+    found = info["maps"].get((stage, block))
+    if found is None:
+        return None
+    inverse, H, W = found
+    return _to_numpy(inverse)[sample].reshape(H, W)
 
 
 def merge_maps(model, img, r_values, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
