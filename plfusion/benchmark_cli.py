@@ -45,6 +45,9 @@ def parse_args(argv=None):
                    help="engines to measure side by side (default: dygraph inference)")
     p.add_argument("--tome-r", nargs="+", default=None, metavar="R",
                    help="ToMe r values: 16, '16,-1' (r, inflection) or '[8,8,4]'; r=0 is added as the baseline")
+    p.add_argument("--tome-ratio", nargs="+", default=None, metavar="RATIO",
+                   help="dense MiT models: ToMe merge ratios, 0.5 or one per stage '0.5,0.5,0.25,0'; 0 is added "
+                        "as the baseline")
     p.add_argument("--onednn", nargs="+", default=["on"], choices=("on", "off"),
                    help="oneDNN settings of the inference engine (default: on)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -58,6 +61,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.train and not args.config:
         p.error("--train needs -c/--config (its dataloader.train, optimizer and loss are used)")
+    if args.tome_r is not None and args.tome_ratio is not None:
+        p.error("--tome-r (ViT-family models) and --tome-ratio (dense MiT models) do not go together")
     if args.override and not args.config:
         p.error("-o/--override needs -c/--config")
     if not args.config and not args.model:
@@ -77,7 +82,17 @@ def parse_args(argv=None):
 
 def _final_tokens(model):
     info = model._tome_info
+    if info.get("dense"):      # dense merging keeps every output token
+        return "-"
     return info["size"].shape[1] if info["size"] is not None else info["num_tokens"]
+
+
+def _parse_ratio(text):
+    try:
+        parts = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --tome-ratio: cannot read {text!r}; expected 0.5 or '0.5,0.5,0.25,0'") from None
+    return parts[0] if len(parts) == 1 else parts
 
 
 def _settings(args, r_values):
@@ -90,7 +105,7 @@ def _settings(args, r_values):
                 if onednn is not None and (len(args.onednn) > 1 or onednn == "off"):
                     label += f" oneDNN {onednn}"
                 if r is not None:
-                    label += f" r={r}"
+                    label += f" {'ratio' if args.tome_ratio is not None else 'r'}={r}"
                 out.append((label, engine, r, onednn))
     return out
 
@@ -147,6 +162,16 @@ def main(argv=None):
         if not tome.is_patched(model):
             tome.apply_patch(model)
         r_values = list(parsed)
+    elif args.tome_ratio is not None:
+        parsed = {label: _parse_ratio(label) for label in args.tome_ratio}
+        if 0 not in parsed.values():
+            print("note: adding ratio 0, the baseline of the `vs r=0` column")
+            parsed = {"0": 0.0, **parsed}
+        if not tome.is_patched(model):
+            tome.apply_patch(model, ratio=0.0)
+        for value in parsed.values():
+            model.ratio = value     # every setting checked before the long measurement
+        r_values = list(parsed)
     _, _, size, names = input_layout(model, cfg, args.img_size)
     shapes = [[args.batch_size] + list(s.shape[1:]) for s in input_specs(model, size, names)]
     h, w = shapes[0][2:]
@@ -157,7 +182,10 @@ def main(argv=None):
 
     def set_r(r):
         if r is not None:
-            model.r = parsed[r]
+            if args.tome_ratio is not None:
+                model.ratio = parsed[r]
+            else:
+                model.r = parsed[r]
 
     settings = _settings(args, r_values)
     fns, rows, flops = {}, {}, {}
@@ -231,7 +259,7 @@ def main(argv=None):
                ("p99", "p99 ms", "{:.0f}"), ("gflops", "GFLOPs", "{:.2f}"), ("tokens", "tokens", "{}"),
                ("tensor_peak_mb", "peak tensor MB", "{:.0f}"), ("rss_peak_mb", "peak RSS MB", "{:.0f}")]
     if args.tome_r is None:
-        columns = [c for c in columns if c[0] not in ("vs_r0", "tokens")]
+        columns = [c for c in columns if c[0] not in (("tokens",) if args.tome_ratio is not None else ("vs_r0", "tokens"))]
     print_table(list(rows.values()), columns)
     print(f"speed-up: over `{base}`, median of per-round time ratios; load average after {load_after[0]:.2f}")
     result = {"model": args.model, "config": args.config, "engines": args.engine, "batch_size": args.batch_size,

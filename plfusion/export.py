@@ -342,8 +342,8 @@ def save_model(model, specs, out_dir):
     prefix = os.path.join(out_dir, PREFIX)
     try:
         paddle.jit.save(static, prefix)
-    except AssertionError as e:
-        if specs[0].shape[0] in (None, -1) and "reshape can be -1" in str(e):
+    except (AssertionError, ValueError) as e:
+        if specs[0].shape[0] in (None, -1) and ("reshape can be -1" in str(e) or "needs a fixed batch" in str(e)):
             raise DynamicBatchError(f"export: {type(model).__name__} reshapes with the batch size, which a dynamic "
                                     f"batch cannot trace; fix the batch with --batch-size N "
                                     f"(export_model(batch_size=N))") from e
@@ -445,7 +445,10 @@ def export_model(model, out_dir, cfg=None, img_size=None, check_batch=2, atol=1e
     info["check"] = {"batch": check_batch, "atol": atol, "rtol": rtol, "seed": seed,
                      "max_abs_diff": {k: float(v) for k, v in worst.items()}}
     if tome.is_patched(model):
-        info["tome_r"] = model.r if not isinstance(model.r, tuple) else list(model.r)
+        if model._tome_info.get("dense"):
+            info["tome_ratio"] = model.ratio if not isinstance(model.ratio, tuple) else list(model.ratio)
+        else:
+            info["tome_r"] = model.r if not isinstance(model.r, tuple) else list(model.r)
     info["source"] = dict(source or {})
     info["paddle"] = paddle.__version__
     with open(os.path.join(out_dir, DEPLOY_FILE), "w", encoding="utf-8") as f:
@@ -484,6 +487,8 @@ def parse_args(argv=None):
     add_model_args(p)
     p.add_argument("--tome-r", default=None, metavar="R",
                    help="patch with ToMe at this fixed r: 16, '16,-1' or '[8,8,4]'")
+    p.add_argument("--tome-ratio", default=None, metavar="RATIO",
+                   help="dense MiT models: ToMe at this fixed merge ratio, 0.5 or one per stage '0.5,0.5,0.25,0'")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--check-batch", type=int, default=2, help="batch size of the random check input")
     p.add_argument("--batch-size", type=int, default=None,
@@ -556,8 +561,14 @@ def main(argv=None):
         if not tome.is_patched(model):
             tome.apply_patch(model)
         model.r = r
+    if args.tome_ratio is not None:
+        parts = [float(v) for v in args.tome_ratio.split(",")]
+        if not tome.is_patched(model):
+            tome.apply_patch(model, ratio=0.0)
+        model.ratio = parts[0] if len(parts) == 1 else parts
     if tome.is_patched(model):
-        print(f"ToMe: r = {model.r!r} (fixed in the exported graph)")
+        setting = f"ratio = {model.ratio!r}" if model._tome_info.get("dense") else f"r = {model.r!r}"
+        print(f"ToMe: {setting} (fixed in the exported graph)")
     source = {"config": args.config, "model": args.model, "pretrained": args.pretrained, "overrides": args.override}
     info = export_model(model, args.out, cfg, args.img_size, args.check_batch, args.atol, args.rtol,
                         threads=args.threads, source={k: v for k, v in source.items() if v},

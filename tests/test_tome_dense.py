@@ -224,3 +224,11 @@ def test_dense_groups_follow_the_merge_map():
     seg.ratio = [0.0, 0.5, 0.5, 0.5]
     _outs(seg, _inputs("gemini"))
     assert dense_groups(seg, stage=0, block=0) is None and dense_groups(seg, stage=1, block=1).shape == (6, 8)
+
+
+def test_export_fixes_the_ratio_and_matches_dygraph(tmp_path):
+    from plfusion.export import export_model
+    seg = _seg("gemini", ratio=0.5)
+    info = export_model(seg, str(tmp_path / "exp"), img_size=SIZE, check_batch=2, batch_size=2)
+    assert info["tome_ratio"] == 0.5
+    assert max(info["check"]["max_abs_diff"].values()) < 1e-3

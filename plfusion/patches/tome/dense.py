@@ -64,6 +64,9 @@ class DenseMerge:
 
     def __init__(self, metric, H, W, r, num_modalities=1):
         MB, N, C = metric.shape
+        if MB < 0:
+            raise ValueError("ToMe dense merging needs a fixed batch in a traced program (it sizes its index "
+                             "tensors by the batch); export with a fixed batch size")
         M = int(num_modalities)
         B = MB // M
         src_cell, src, dst, inv = (paddle.to_tensor(a) for a in _grid(H, W))
