@@ -138,6 +138,9 @@ def _materialize_accumulators(inner):
 def optimizer_state(optimizer, model):
     """{'<param>@<slot>': ndarray, 'master_weights': {<param>: ndarray}} for a .pdopt file."""
     inner, model = unwrap_optimizer(optimizer), unwrap_model(model)
+    # slots of parameters that never had a gradient (e.g. a bias that cancels) exist only from here:
+    # a resumed optimizer creates every slot, so every slot is saved
+    _materialize_accumulators(inner)
     owner = _owner_names(model, inner)
     out = {}
     for slot, per_param in inner._accumulators.items():
