@@ -28,22 +28,8 @@ TRAIN = os.path.join(ROOT, "tools", "train.py")
 # Momentum, not AdamW: Adam turns the float noise of near-zero gradients into full-size steps,
 # which would make float32 and AMP runs drift apart for reasons that are not AMP's.
 MOMENTUM = {"name": "Momentum", "momentum": 0.9, "weight_decay": 1e-4, "grad_clip": {"max_norm": 1.0}}
-SEG_CONFIG = """
-model:
-  name: Segmentor
-  architecture: {name: mit_b0}
-  head: {name: SegFormerHead, num_classes: 6, embed_dim: 32}
-  patches:
-    - {name: geminifusion, num_modalities: 2, num_heads: 8}
-dataloader:
-  val:
-    dataset:
-      name: SyntheticRGBD
-      num_samples: 2
-      image_size: [64, 64]
-      split: val
-      transforms: [{name: Resize, size: [64, 64]}, {name: Normalize}, {name: ToCHW}]
-"""
+from test_inference import SEG_CONFIG  # noqa: E402  (the tiny GeminiFusion segmentor)
+
 
 
 @pytest.fixture

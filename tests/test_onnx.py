@@ -23,35 +23,8 @@ from plfusion.onnx_engine import ONNX_FILE, MissingPackageError
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import infer as infer_tool  # noqa: E402
 
-SEG_CONFIG = """
-model:
-  name: Segmentor
-  architecture: {name: mit_b0}
-  head: {name: SegFormerHead, num_classes: 6, embed_dim: 32}
-  patches:
-    - {name: geminifusion, num_modalities: 2, num_heads: 8}
-dataloader:
-  val:
-    dataset:
-      name: SyntheticRGBD
-      num_samples: 2
-      image_size: [60, 80]
-      split: val
-      transforms:
-        - {name: Resize, size: [64, 64]}
-        - {name: Normalize}
-        - {name: ToCHW}
-"""
+from test_inference import CLS_CONFIG, SEG_CONFIG  # noqa: E402  (the same tiny models)
 
-CLS_CONFIG = """
-model:
-  name: Classifier
-  architecture: {name: vit_tiny_patch16_224, img_size: 32, patch_size: 8, depth: 2, num_classes: 0}
-  head: {name: LinearClsHead, in_channels: 192, num_classes: 10}
-dataloader:
-  val:
-    dataset: {name: SyntheticImageNet, num_samples: 4, image_size: 32, num_classes: 10}
-"""
 
 
 def _dygraph(model, xs):
