@@ -10,9 +10,9 @@ rounds as `tools/benchmark.py`, so the two tables can be read side by side:
 unpatched timm model is measured. Settings are timed in interleaved rounds (each round runs every
 setting once, in a rotating order) and medians are reported, as tools/benchmark.py does.
 
-`--serve` keeps the models loaded and times one batch per stdin line naming a setting (it prints
-`ready <labels as JSON>` first, then one time in seconds per request): tools/reference/interleave.py
-drives it in lockstep with plfusion, so both sides run under the same machine load.
+`--serve` keeps the models loaded and times one batch per stdin line naming a setting (the protocol
+of tools/reference/lockstep.py): tools/reference/interleave.py drives it in lockstep with plfusion,
+so both sides run under the same machine load.
 """
 import argparse
 import copy
@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import import_timm  # noqa: E402
+from lockstep import claim_stdout, serve  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -73,7 +74,9 @@ def main(argv=None):
 
     labels = list(models)
     if args.serve:
-        return serve(models, run, args.warmup)
+        out = claim_stdout()
+        return serve({label: (lambda m=m: run(m)) for label, m in models.items()},
+                     {"torch": torch.__version__, "threads": torch.get_num_threads()}, args.warmup, out)
     for _ in range(args.warmup):
         for label in labels:
             run(models[label])
@@ -99,21 +102,6 @@ def main(argv=None):
                        "batch_size": args.batch_size, "threads": torch.get_num_threads(),
                        "python": platform.python_version(), "results": rows}, f, indent=2)
     return rows
-
-
-def serve(models, run, warmup):
-    for _ in range(warmup):
-        for m in models.values():
-            run(m)
-    print("ready " + json.dumps(list(models)), flush=True)
-    for line in sys.stdin:
-        label = line.strip()
-        if label not in models:
-            print(f"error unknown setting {label!r}; known: {list(models)}", flush=True)
-            continue
-        start = time.perf_counter()
-        run(models[label])
-        print(f"{time.perf_counter() - start:.6f}", flush=True)
 
 
 if __name__ == "__main__":

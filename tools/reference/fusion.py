@@ -71,6 +71,8 @@ def import_official(root, fusion):
         raise SystemExit(f"--ref-repo {root}: {models}/segformer.py not found (expected a "
                          f"{'yikaiw/TokenFusion' if fusion == 'tokenfusion' else 'JiaDingCN/GeminiFusion'} checkout)")
     name = f"official_{fusion}_models"
+    if name in sys.modules:     # already loaded (a benchmark builds several models in one process)
+        return sys.modules[f"{name}.segformer"], sys.modules[f"{name}.mix_transformer"]
     spec = importlib.util.spec_from_file_location(name, os.path.join(models, "__init__.py"),
                                                   submodule_search_locations=[models])
     pkg = importlib.util.module_from_spec(spec)
@@ -90,9 +92,10 @@ def write_unimodal_checkpoint(folder, encoder, backbone):
     torch.save(sd, os.path.join(folder, "pretrained", f"{backbone}.pth"))
 
 
-def build_wetr(segformer, mix_transformer, fusion, backbone):
+def build_wetr(segformer, mix_transformer, fusion, backbone, dpr=0.0):
+    """dpr: GeminiFusion's drop path rate (the official TokenFusion MiT fixes its own, 0.1)."""
     if "swin" in backbone:
-        return segformer.WeTr(backbone, num_classes=NUM_CLASSES, n_heads=8, dpr=0.0, drop_rate=0.0)
+        return segformer.WeTr(backbone, num_classes=NUM_CLASSES, n_heads=8, dpr=dpr, drop_rate=0.0)
     args = () if fusion == "tokenfusion" else (8, 0.0, 0.0)
     encoder = getattr(mix_transformer, backbone)(*args)
     cwd = os.getcwd()
@@ -102,9 +105,17 @@ def build_wetr(segformer, mix_transformer, fusion, backbone):
         try:
             if fusion == "tokenfusion":
                 return segformer.WeTr(backbone, num_classes=NUM_CLASSES, embedding_dim=256, pretrained=True)
-            return segformer.WeTr(backbone, num_classes=NUM_CLASSES, n_heads=8, dpr=0.0, drop_rate=0.0)
+            return segformer.WeTr(backbone, num_classes=NUM_CLASSES, n_heads=8, dpr=dpr, drop_rate=0.0)
         finally:
             os.chdir(cwd)
+
+
+def build_official(repo, fusion, backbone, dpr=0.0):
+    """The official WeTr (fusion 'tokenfusion' or 'geminifusion') from a checkout, freshly initialised."""
+    import_timm()
+    stub_imports()
+    segformer, mix_transformer = import_official(os.path.abspath(repo), fusion)
+    return build_wetr(segformer, mix_transformer, fusion, backbone, dpr)
 
 
 def push_scores_(model, seed):
@@ -126,11 +137,8 @@ def main():
     if not args.ref_repo:
         raise SystemExit("--ref-repo (a yikaiw/TokenFusion or JiaDingCN/GeminiFusion checkout) is required")
     fusion, backbone, ours = VARIANTS[args.variant]
-    import_timm()
-    stub_imports()
-    segformer, mix_transformer = import_official(os.path.abspath(args.ref_repo), fusion)
     torch.manual_seed(args.seed)
-    model = build_wetr(segformer, mix_transformer, fusion, backbone).eval()
+    model = build_official(args.ref_repo, fusion, backbone).eval()
     perturb_(model, args.seed)
     if fusion == "tokenfusion":
         push_scores_(model, args.seed)

@@ -15,13 +15,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools", "reference"))
+from lockstep import Worker, lockstep, speed_ratio  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -76,42 +76,11 @@ def main(argv=None):
                         model(xt)
                 ours[f"plfusion dygraph r={r}"] = dygraph
 
-        worker = subprocess.Popen(
-            [args.torch_python, os.path.join(ROOT, "tools", "reference", "bench_torch.py"), "--serve",
-             "--model", args.model, "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-             "--tome-repo", args.tome_repo, "--tome-r", str(args.tome_r), "--warmup", str(args.warmup)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        try:
-            line = worker.stdout.readline()
-            if not line.startswith("ready "):
-                raise RuntimeError(f"bench_torch.py --serve did not start: {line!r}")
-            theirs = json.loads(line[len("ready "):])
-
-            def torch_run(label):
-                worker.stdin.write(label + "\n")
-                reply = worker.stdout.readline().strip()
-                return float(reply)
-
-            settings = [(label, None) for label in ours] + [(label, "torch") for label in theirs]
-            for _ in range(args.warmup):
-                for fn in ours.values():
-                    fn()
-            load_before = os.getloadavg()[0]
-            times = {label: [] for label, _ in settings}
-            for i in range(args.rounds):
-                shift = i % len(settings)
-                for label, side in settings[shift:] + settings[:shift]:
-                    time.sleep(args.gap)
-                    if side == "torch":
-                        times[label].append(torch_run(label))
-                    else:
-                        start = time.perf_counter()
-                        ours[label]()
-                        times[label].append(time.perf_counter() - start)
-            load_after = os.getloadavg()[0]
-        finally:
-            worker.stdin.close()
-            worker.wait(timeout=60)
+        cmd = [args.torch_python, os.path.join(ROOT, "tools", "reference", "bench_torch.py"), "--serve",
+               "--model", args.model, "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+               "--tome-repo", args.tome_repo, "--tome-r", str(args.tome_r), "--warmup", str(args.warmup)]
+        with Worker(cmd) as worker:
+            times, (load_before, load_after) = lockstep(ours, worker, args.rounds, args.warmup, args.gap)
 
     r = args.tome_r
     mkl = "on" if cpu["mkl_avx2"] else "off"
@@ -123,13 +92,11 @@ def main(argv=None):
         print(f"{label:>28s}  {args.batch_size / med:7.2f} images/s  ({med * 1e3:6.0f} ms/batch; "
               f"rounds {' '.join(f'{t:.2f}' for t in ts)} s)")
 
-    def ratio(a, b):
-        return statistics.median(tb / ta for ta, tb in zip(times[a], times[b]))
     pairs = [("plfusion inference r=0", "timm"), (f"plfusion inference r={r}", f"timm+ToMe r={r}"),
-             (f"plfusion inference r={r}", f"plfusion inference r=0"), (f"timm+ToMe r={r}", "timm")]
+             (f"plfusion inference r={r}", "plfusion inference r=0"), (f"timm+ToMe r={r}", "timm")]
     if not args.no_dygraph:
         pairs += [("plfusion dygraph r=0", "timm"), (f"plfusion dygraph r={r}", f"timm+ToMe r={r}")]
-    ratios = {f"{a} / {b}": ratio(a, b) for a, b in pairs}
+    ratios = {f"{a} / {b}": speed_ratio(times, a, b) for a, b in pairs}
     for name, value in ratios.items():
         print(f"  speed {name}: {value:.2f}x (median of per-round ratios)")
     if args.json:
