@@ -4,8 +4,9 @@ Merging happens only around attention, as Segformer++ does, so every feature map
 shape: each block builds a merge map from the attention's input, the queries are computed on
 the merged tokens, attention (and GeminiFusion's pixel-wise fusion) runs on them, and after
 `proj` every token gets back the row it was merged into. Keys/values come from the unmerged
-map. With `merge_mlp` (default) the MixFFN's fc1, GELU and fc2 run on the merged tokens too,
-unmerged around its depthwise conv, which needs the full grid.
+map. With `merge_mlp` the MixFFN's fc1, GELU and fc2 run on the merged tokens too, unmerged
+around its depthwise conv; off by default: on the CPU the extra 4C-wide merges cost about what
+they save, and quality drops more.
 
 The map is local, as tomesd's destinations: the grid is cut into 2x2 cells, the top-left token
 of each cell is a destination, and each other token may merge only into its own cell's
@@ -26,9 +27,9 @@ __all__ = ["DenseMerge", "check_ratio", "parse_ratio", "MAX_RATIO", "DEFAULT_RAT
 
 CELL = 2                       # destinations: one per CELL x CELL block of the grid
 MAX_RATIO = 1.0 - 1.0 / (CELL * CELL)
-# every stage; the largest ratio measured to keep the RGB-D demo model within 1 mIoU at its
-# 64x96 and at 4x the pixels (README, "ToMe on dense models"); larger ratios pay off on larger images
-DEFAULT_RATIO = 0.25
+# per stage: keeps the RGB-D demo model within 1 mIoU at its 64x96 and at 4x the pixels
+# (README, "ToMe on dense models"); the small last stage is left alone
+DEFAULT_RATIO = (0.5, 0.5, 0.25, 0.0)
 
 
 def check_ratio(ratio, num_stages, where="model.ratio"):
@@ -184,7 +185,7 @@ def find_mit(model):
     return None
 
 
-def apply_dense_patch(model, backbone, ratio, trace_source, swap, merge_mlp=True):
+def apply_dense_patch(model, backbone, ratio, trace_source, swap, merge_mlp=False):
     """Patch the MiT `backbone` inside `model` (see the module docstring); `swap(layer, mixins)` swaps classes."""
     num_stages = len(backbone.embed_dims)
     ratio = DEFAULT_RATIO if ratio is None else ratio

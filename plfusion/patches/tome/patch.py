@@ -129,7 +129,7 @@ def is_patched(model):
     return any(hasattr(m, "_tome_info") for m in model.sublayers(include_self=True))
 
 
-def apply_patch(model, trace_source=False, prop_attn=True, r=None, ratio=None, merge_mlp=True):
+def apply_patch(model, trace_source=False, prop_attn=True, r=None, ratio=None, merge_mlp=False):
     """Patch `model` in place with ToMe and return it.
 
     ViT-family models (plfusion's Block): then set `model.r` (default 0: no merging).
