@@ -117,13 +117,21 @@ def train_main(args, threads):
     cfg = get_config(args.config, args.override)
     with tempfile.TemporaryDirectory(prefix="plfusion_bench_train_") as tmp:
         cfg.output_dir = tmp                # the engine logs there; nothing of it is kept
-        res = training_throughput(cfg, steps=args.iters, warmup=args.warmup)
+        ratios = None
+        if args.tome_ratio is not None:
+            ratios = [_parse_ratio(v) for v in args.tome_ratio]
+            if 0 not in ratios:
+                ratios = [0.0] + ratios
+        res = training_throughput(cfg, steps=args.iters, warmup=args.warmup, tome_ratios=ratios)
     print(f"training throughput of {args.config}: per-process batch {res['batch_size']}, threads {threads}, "
           f"{res['steps']} timed updates (median)")
     print(f"  data loader   {res['loader_ips']:9.1f} samples/s  ({res['loader_samples']} samples, its own workers)")
     print(f"  training      {res['train_ips']:9.1f} samples/s  (forward + loss + backward + optimizer step)")
     verdict = "the loader keeps up" if res["ratio"] >= 1 else "the LOADER is the bottleneck"
     print(f"  loader/train  {res['ratio']:9.2f}x  -> {verdict}")
+    for row in res.get("tome", []):
+        print(f"  ToMe ratio {row['ratio']:>22}: {row['train_ips']:7.2f} samples/s, {row['speedup']:.2f}x over ratio "
+              f"{res['tome'][0]['ratio']} (updates in rotating order)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**res, "threads": threads, "config": args.config}, f, indent=2)

@@ -232,3 +232,17 @@ def test_export_fixes_the_ratio_and_matches_dygraph(tmp_path):
     info = export_model(seg, str(tmp_path / "exp"), img_size=SIZE, check_batch=2, batch_size=2)
     assert info["tome_ratio"] == 0.5
     assert max(info["check"]["max_abs_diff"].values()) < 1e-3
+
+
+def test_training_throughput_times_train_steps_at_each_ratio(tmp_path):
+    import os
+
+    from plfusion.config import get_config
+    from plfusion.engine.throughput import training_throughput
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = get_config(os.path.join(root, "configs", "quickstart", "geminifusion_mit_b0_synthetic.yaml"),
+                     ["dataloader.train.dataset.num_samples=8", "dataloader.train.dataset.image_size=[32,48]",
+                      "dataloader.train.sampler.batch_size=2", f"output_dir={tmp_path}"])
+    res = training_throughput(cfg, steps=2, warmup=0, loader_batches=2, tome_ratios=[0.0, 0.5])
+    assert [r["ratio"] for r in res["tome"]] == ["0.0", "0.5"]
+    assert res["tome"][0]["speedup"] == 1.0 and all(r["train_ips"] > 0 for r in res["tome"])
