@@ -246,3 +246,10 @@ def test_training_throughput_times_train_steps_at_each_ratio(tmp_path):
     res = training_throughput(cfg, steps=2, warmup=0, loader_batches=2, tome_ratios=[0.0, 0.5])
     assert [r["ratio"] for r in res["tome"]] == ["0.0", "0.5"]
     assert res["tome"][0]["speedup"] == 1.0 and all(r["train_ips"] > 0 for r in res["tome"])
+
+
+def test_grids_too_small_for_the_ratio_merge_nothing():
+    seg = _seg("gemini", ratio=0.25)
+    x = [paddle.randn([1, 3, 32, 48]) for _ in range(2)]     # stage grids 8x12, 4x6, 2x3, 1x2
+    outs = _outs(seg, x)
+    assert all(o.shape == (1, 5, 8, 12) and np.isfinite(o).all() for o in outs)

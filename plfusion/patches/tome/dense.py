@@ -115,7 +115,7 @@ class _DenseToMeBlock:
         if self._tome_stage == 0 and self._tome_index == 0:
             info["maps"] = {}     # a new pass: no stale maps of blocks that merge nothing now
         ratio = info["ratios"][self._tome_stage]
-        if ratio <= 0:
+        if int(ratio * H * W) < 1:      # nothing to merge (ratio 0, or a grid too small for the ratio)
             return self._tome_orig_class.attn_branch(self, x, H, W)
         h = self.norm1(x)
         M = getattr(info["backbone"], "num_modalities", 1)
