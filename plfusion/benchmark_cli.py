@@ -87,13 +87,6 @@ def _final_tokens(model):
     return info["size"].shape[1] if info["size"] is not None else info["num_tokens"]
 
 
-def _parse_ratio(text):
-    try:
-        parts = [float(v) for v in str(text).split(",")]
-    except ValueError:
-        raise SystemExit(f"error: --tome-ratio: cannot read {text!r}; expected 0.5 or '0.5,0.5,0.25,0'") from None
-    return parts[0] if len(parts) == 1 else parts
-
 
 def _settings(args, r_values):
     """[(label, engine, r label or None, oneDNN 'on'/'off' or None)] in measuring order."""
@@ -114,12 +107,13 @@ def train_main(args, threads):
     """--train: the config's train loader against its training updates, side by side."""
     from .config import get_config
     from .engine.throughput import training_throughput
+    from .patches.tome import parse_ratio_text
     cfg = get_config(args.config, args.override)
     with tempfile.TemporaryDirectory(prefix="plfusion_bench_train_") as tmp:
         cfg.output_dir = tmp                # the engine logs there; nothing of it is kept
         ratios = None
         if args.tome_ratio is not None:
-            ratios = [_parse_ratio(v) for v in args.tome_ratio]
+            ratios = [parse_ratio_text(v) for v in args.tome_ratio]
             if 0 not in ratios:
                 ratios = [0.0] + ratios
         res = training_throughput(cfg, steps=args.iters, warmup=args.warmup, tome_ratios=ratios)
@@ -171,7 +165,7 @@ def main(argv=None):
             tome.apply_patch(model)
         r_values = list(parsed)
     elif args.tome_ratio is not None:
-        parsed = {label: _parse_ratio(label) for label in args.tome_ratio}
+        parsed = {label: tome.parse_ratio_text(label) for label in args.tome_ratio}
         if 0 not in parsed.values():
             print("note: adding ratio 0, the baseline of the `vs r=0` column")
             parsed = {"0": 0.0, **parsed}

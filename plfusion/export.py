@@ -562,10 +562,10 @@ def main(argv=None):
             tome.apply_patch(model)
         model.r = r
     if args.tome_ratio is not None:
-        parts = [float(v) for v in args.tome_ratio.split(",")]
+        ratio = tome.parse_ratio_text(args.tome_ratio)
         if not tome.is_patched(model):
             tome.apply_patch(model, ratio=0.0)
-        model.ratio = parts[0] if len(parts) == 1 else parts
+        model.ratio = ratio
     if tome.is_patched(model):
         setting = f"ratio = {model.ratio!r}" if model._tome_info.get("dense") else f"r = {model.r!r}"
         print(f"ToMe: {setting} (fixed in the exported graph)")

@@ -119,15 +119,11 @@ def _parse_tome_r(values):
 def _parse_tome_ratio(values):
     if values is None:
         return None
-    out = []
-    for v in values:
-        try:
-            parts = [float(p) for p in str(v).split(",")]
-        except ValueError:
-            raise ConfigError(f"--tome-ratio: cannot read {v!r}; expected a number like 0.5 or one per stage like "
-                              f"'0.5,0.5,0.25,0'") from None
-        out.append(parts[0] if len(parts) == 1 else parts)
-    return out
+    from ..patches.tome import parse_ratio_text
+    try:
+        return [parse_ratio_text(v) for v in values]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _print_tome_ratio_table(rows, trainer, threads):

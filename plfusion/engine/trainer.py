@@ -840,14 +840,18 @@ class Trainer:
         file, evaluate, and write `<output_dir>/eval_results.json` (rank 0)."""
         source = self._load_eval_weights(resume, pretrained, use_ema)
         metrics = self.evaluate_now()
-        if self.is_main:
-            os.makedirs(self.output_dir, exist_ok=True)
-            dump_config(self.cfg, os.path.join(self.output_dir, "eval_config.yaml"))
-            atomic_write_text(json.dumps({"weights": source, "metrics": _jsonable(metrics)}, indent=1),
-                              os.path.join(self.output_dir, "eval_results.json"))
+        self._write_eval_results({"weights": source, "metrics": metrics})
         self.last_metrics = metrics
         self._save_predictions()
         return metrics
+
+    def _write_eval_results(self, results):
+        """Rank 0 writes <output_dir>/eval_results.json and the config it evaluated with."""
+        if not self.is_main:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        dump_config(self.cfg, os.path.join(self.output_dir, "eval_config.yaml"))
+        atomic_write_text(json.dumps(_jsonable(results), indent=1), os.path.join(self.output_dir, "eval_results.json"))
 
     def _save_predictions(self):
         """Rank 0 writes `eval.save_predictions` pictures of val samples to <output_dir>/predictions."""
@@ -932,11 +936,7 @@ class Trainer:
             row["speedup"] = row["ips"] / rows[0]["ips"]
         logger.info("ToMe evaluation of %s: %s", source, "; ".join(
             f"ratio={row['ratio']} miou {row['miou']:.2f} images/s {row['ips']:.2f}" for row in rows))
-        if self.is_main:
-            os.makedirs(self.output_dir, exist_ok=True)
-            dump_config(self.cfg, os.path.join(self.output_dir, "eval_config.yaml"))
-            atomic_write_text(json.dumps({"weights": source, "input_shapes": shapes, "tome": _jsonable(rows)},
-                                         indent=1), os.path.join(self.output_dir, "eval_results.json"))
+        self._write_eval_results({"weights": source, "input_shapes": shapes, "tome": rows})
         return rows
 
     def evaluate_tome(self, r_values, resume=None, pretrained=None, use_ema=False):
@@ -976,10 +976,6 @@ class Trainer:
             rows.append(dict(res, r=label, gflops=gflops[label], speedup=res["ips"] / base if base else None))
         logger.info("ToMe evaluation of %s: %s", source, "; ".join(
             f"r={row['r']} top1 {row['top1']:.2f} images/s {row['ips']:.1f}" for row in rows))
-        if self.is_main:
-            os.makedirs(self.output_dir, exist_ok=True)
-            dump_config(self.cfg, os.path.join(self.output_dir, "eval_config.yaml"))
-            atomic_write_text(json.dumps({"weights": source, "input_shape": shape, "tome": _jsonable(rows)}, indent=1),
-                              os.path.join(self.output_dir, "eval_results.json"))
+        self._write_eval_results({"weights": source, "input_shape": shape, "tome": rows})
         return rows
 

@@ -23,7 +23,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-__all__ = ["DenseMerge", "check_ratio", "parse_ratio", "MAX_RATIO", "DEFAULT_RATIO"]
+__all__ = ["DenseMerge", "check_ratio", "parse_ratio", "parse_ratio_text", "MAX_RATIO", "DEFAULT_RATIO"]
 
 CELL = 2                       # destinations: one per CELL x CELL block of the grid
 MAX_RATIO = 1.0 - 1.0 / (CELL * CELL)
@@ -42,6 +42,16 @@ def check_ratio(ratio, num_stages, where="model.ratio"):
             raise ValueError(f"{where}: a merge ratio is the fraction of a stage's tokens merged, a number in "
                              f"[0, {MAX_RATIO}] (2x2 cells keep one token each); got {v!r} in {ratio!r}")
     return ratio
+
+
+def parse_ratio_text(text, where="--tome-ratio"):
+    """A command-line merge ratio: '0.5' -> 0.5, '0.5,0.5,0.25,0' -> [0.5, 0.5, 0.25, 0.0] (one per stage)."""
+    try:
+        parts = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise ValueError(f"{where}: cannot read {text!r}; expected a number like 0.5 or one per stage like "
+                         f"'0.5,0.5,0.25,0'") from None
+    return parts[0] if len(parts) == 1 else parts
 
 
 def parse_ratio(ratio, num_stages):
@@ -88,7 +98,7 @@ class DenseMerge:
             inverse = paddle.tile(inverse, [M, 1])
         self.num_rows = N - r
         self.inverse = inverse
-        self.shape = (MB, N)
+        self.num_tokens = N
         self._flat = (inverse + paddle.arange(MB, dtype="int64").unsqueeze(1) * self.num_rows).reshape([-1])
         ones = paddle.ones([MB * N, 1], "float32")
         self._count = paddle.index_add(paddle.zeros([MB * self.num_rows, 1], "float32"), self._flat, 0, ones)
@@ -102,7 +112,7 @@ class DenseMerge:
     def unmerge(self, y):
         """[M*B, N - r, C] -> [M*B, N, C]: every token takes its row's value."""
         MB, _, C = y.shape
-        return paddle.gather(y.reshape([MB * self.num_rows, C]), self._flat).reshape([MB, self.shape[1], C])
+        return paddle.gather(y.reshape([MB * self.num_rows, C]), self._flat).reshape([MB, self.num_tokens, C])
 
 
 # ------------------------------------------------------------------ the patch
