@@ -59,16 +59,22 @@ def parse_ratio(ratio, num_stages):
     return [float(v) for v in values]
 
 
+_GRIDS = {}   # every block of a stage asks for the same grid, every pass
+
+
 @paddle.jit.not_to_static   # numpy on static sizes: constants of a traced program
 def _grid(H, W):
     """(dst index per src, src indices, dst indices, inverse of the [dst, src] order) for an H x W grid."""
+    if (H, W) in _GRIDS:
+        return _GRIDS[(H, W)]
     rows, cols = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
     is_dst = ((rows % CELL == 0) & (cols % CELL == 0)).reshape(-1)
     cell = ((rows // CELL) * ((W + CELL - 1) // CELL) + cols // CELL).reshape(-1)
     dst = np.flatnonzero(is_dst)            # row-major, so dst number k is cell k
     src = np.flatnonzero(~is_dst)
     order = np.concatenate([dst, src])
-    return cell[src], src, dst, np.argsort(order)
+    _GRIDS[(H, W)] = cell[src], src, dst, np.argsort(order)
+    return _GRIDS[(H, W)]
 
 
 class DenseMerge:
