@@ -11,10 +11,13 @@ from .paddle_check import require_paddle  # noqa: E402
 # command, before any Paddle 3 API fails deep inside a model.
 require_paddle()
 
-from .utils.cpu import prefer_mkl_avx2  # noqa: E402
+from .utils.cpu import prefer_dense_transpose, prefer_mkl_avx2  # noqa: E402
 
 # MKL inside Paddle's CPU wheel picks slow generic kernels on AMD CPUs unless asked for AVX2
 # (about 3x on a ViT GEMM); it must be set before the first matmul, so do it at import.
 prefer_mkl_avx2()
+# Paddle's strided copies (reshape after a view-transpose) are up to 25x slower than a transpose
+# kernel; plfusion's attention and window code reshapes transposes everywhere.
+prefer_dense_transpose()
 
 __version__ = "0.1.0"

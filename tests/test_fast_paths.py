@@ -96,3 +96,15 @@ def test_resize_by_two_gemms_equals_bilinear_interpolate(src, dst, align_corners
     g = paddle.randn(got.shape)
     np.testing.assert_allclose(paddle.grad([got], [x], [g])[0].numpy(), paddle.grad([want], [x], [g])[0].numpy(),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_import_turns_the_slow_strided_copies_off_unless_the_environment_chooses():
+    import os
+    import subprocess
+    import sys
+    code = "import paddle, plfusion; print(paddle.get_flags(['FLAGS_use_stride_kernel'])['FLAGS_use_stride_kernel'])"
+    env = {k: v for k, v in os.environ.items() if k != "FLAGS_use_stride_kernel"}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,
+                                   timeout=120).stdout.split()[-1]
+    assert run(env) == "False"
+    assert run(dict(env, FLAGS_use_stride_kernel="1")) == "True"

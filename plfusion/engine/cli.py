@@ -57,7 +57,7 @@ def build_parser(prog, eval_only=False):
                    help="with evaluation: evaluate at each ToMe r (16, '16,-1' for (r, inflection), '[8,8,4]') in one "
                         "pass and print accuracy, images/s and GFLOPs per r; the first r is the speed-up baseline")
     p.add_argument("--tome-ratio", nargs="+", default=None, metavar="RATIO",
-                   help="with evaluation of a dense MiT model: evaluate at each ToMe merge ratio (0.5, or one per "
+                   help="with evaluation of a MiT or Swin model: evaluate at each ToMe merge ratio (0.5, or one per "
                         "stage: '0.5,0.5,0.25,0') and print mIoU, images/s and GFLOPs per setting")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads per process (default: usable cores / processes on this machine)")
@@ -128,10 +128,13 @@ def _parse_tome_ratio(values):
 
 def _print_tome_ratio_table(rows, trainer, threads):
     from ..utils.benchmark import format_table
-    columns = [("ratio", "ratio", "{}"), ("miou", "mIoU", "{:.2f}"), ("pixel_acc", "pixel acc", "{:.2f}"),
-               ("ips", "images/s", "{:.2f}"), ("speedup", "speed-up", "{:.2f}x"), ("gflops", "GFLOPs", "{:.3f}")]
+    quality = ([("miou", "mIoU", "{:.2f}"), ("pixel_acc", "pixel acc", "{:.2f}")] if "miou" in rows[0] else
+               [(k, k, "{:.2f}") for k in rows[0] if k.startswith("top")])
+    columns = ([("ratio", "ratio", "{}")] + quality +
+               [("ips", "images/s", "{:.2f}"), ("speedup", "speed-up", "{:.2f}x"), ("gflops", "GFLOPs", "{:.3f}")])
     title = (f"ToMe (dense) on {rows[0]['samples']} val samples | batch {trainer.val_loader.batch_size} x "
-             f"{trainer.world_size} process(es) | {threads} CPU thread(s) | images/s: one evaluation pass per ratio")
+             f"{trainer.world_size} process(es) | {threads} CPU thread(s) | images/s: forward passes, every batch "
+             f"at every ratio in rotating order")
     print(format_table(rows, columns, title=title), flush=True)
 
 

@@ -36,6 +36,50 @@ def _labels_of(dataset_or_none, count):
     return [f"out{i}" for i in range(count - 1)] + ["ensemble"]
 
 
+class _Tally:
+    """The running counts of one model setting: top-k hits (classification) or one confusion matrix per
+    output (segmentation); the task is read from the first outputs."""
+
+    def __init__(self, evaluator, loader):
+        self.ev, self.loader = evaluator, loader
+        self.task, self.counts, self.matrices, self.names = None, None, None, None
+        self.samples, self.classes = 0, 0
+
+    def update(self, outputs, labels):
+        outs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        if self.task is None:
+            self.task = "segmentation" if outs[0].ndim == 4 else "classification"
+            self.classes = outs[0].shape[1]
+            if self.task == "classification":
+                self.counts = np.zeros(len(self.ev.topk) + 1, dtype=np.int64)
+            else:
+                k = self.ev.num_classes or outs[-1].shape[1]
+                self.matrices = [ConfusionMatrix(k, self.ev.ignore_index) for _ in outs]
+                self.names = _labels_of(getattr(self.loader, "dataset", None), len(outs))
+        if self.task == "classification":
+            logits = outs[0].astype("float32").numpy()
+            y = labels.numpy().reshape(-1)
+            ks = [min(k, logits.shape[1]) for k in self.ev.topk]
+            acc = topk_accuracy(logits, y, ks)
+            n = logits.shape[0]
+            for j, k in enumerate(ks):
+                self.counts[j] += int(round(acc[f"top{k}"] * n / 100.0))
+            self.counts[-1] += n
+        else:
+            size = list(labels.shape[-2:])
+            for cm, out in zip(self.matrices, outs):
+                out = out.astype("float32")
+                if list(out.shape[-2:]) != size:
+                    out = resize_bilinear(out, size)
+                cm.update(paddle.argmax(out, axis=1), labels)
+            n = labels.shape[0]
+        self.samples += n
+        return n
+
+    def result(self):
+        return self.ev._reduce(self.task, self.counts, self.matrices, self.names, self.samples, self.classes)
+
+
 class Evaluator:
     """`Evaluator(num_classes, ignore_index, topk).run(model, loader, ...)` -> {metric: value}."""
 
@@ -56,74 +100,43 @@ class Evaluator:
     def run(self, model, loader, desc="eval", max_batches=None):
         was_training = model.training
         model.eval()
-        task, counts, matrices, names = None, None, None, None
-        samples, classes = 0, 0
+        tally = _Tally(self, loader)
         total = len(loader) if max_batches is None else min(len(loader), max_batches)
         bar = tqdm(total=total, desc=desc, disable=not is_main_process(), leave=False, dynamic_ncols=True)
         try:
             for i, (inputs, labels) in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
-                outputs = self._forward(model, inputs)
-                outs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-                if task is None:
-                    task = "segmentation" if outs[0].ndim == 4 else "classification"
-                    classes = outs[0].shape[1]
-                    if task == "classification":
-                        counts = np.zeros(len(self.topk) + 1, dtype=np.int64)
-                    else:
-                        k = self.num_classes or outs[-1].shape[1]
-                        matrices = [ConfusionMatrix(k, self.ignore_index) for _ in outs]
-                        names = _labels_of(getattr(loader, "dataset", None), len(outs))
-                if task == "classification":
-                    logits = outs[0].astype("float32").numpy()
-                    y = labels.numpy().reshape(-1)
-                    ks = [min(k, logits.shape[1]) for k in self.topk]
-                    acc = topk_accuracy(logits, y, ks)
-                    n = logits.shape[0]
-                    for j, k in enumerate(ks):
-                        counts[j] += int(round(acc[f"top{k}"] * n / 100.0))
-                    counts[-1] += n
-                    samples += n
-                else:
-                    size = list(labels.shape[-2:])
-                    for cm, out in zip(matrices, outs):
-                        out = out.astype("float32")
-                        if list(out.shape[-2:]) != size:
-                            out = resize_bilinear(out, size)
-                        cm.update(paddle.argmax(out, axis=1), labels)
-                    samples += labels.shape[0]
+                tally.update(self._forward(model, inputs), labels)
                 bar.update(1)
         finally:
             bar.close()
             if was_training:
                 model.train()
-        return self._reduce(task, counts, matrices, names, samples, classes)
+        return tally.result()
 
     @paddle.no_grad()
     def compare(self, model, loader, settings, desc="compare"):
-        """Classification accuracy and forward throughput of several model settings in one data pass.
+        """The metrics and forward throughput of several model settings in one data pass.
 
-        `settings` is {label: fn(model)}, each fn putting the model into one setting (e.g. a ToMe r).
-        Every batch runs under every setting, in an order that rotates from batch to batch, so
-        a machine whose load changes slows all settings alike. Only the forward passes are timed,
-        and the first batch is a warm-up (not timed) when there is more than one.
-        Returns {label: {"top1", "top<k>", "samples", "ips", "timed_samples", "seconds"}}, with
-        counts summed and images/s added up over ranks."""
+        `settings` is {label: fn(model)}, each fn putting the model into one setting (a ToMe r or
+        merge ratio). Every batch runs under every setting, in an order that rotates from batch to
+        batch, so a machine whose load changes slows all settings alike. Only the forward passes
+        are timed, and the first batch is a warm-up (not timed) when there is more than one.
+        Returns {label: run()'s metrics + {"ips", "timed_samples", "seconds"}}, with counts summed
+        and images/s added up over ranks."""
         labels = list(settings)
         if not labels:
             raise ValueError("Evaluator.compare: no settings given")
         was_training = model.training
         model.eval()
-        counts = {label: np.zeros(len(self.topk) + 1, dtype=np.int64) for label in labels}
+        tallies = {label: _Tally(self, loader) for label in labels}
         timing = {label: np.zeros(2, dtype=np.float64) for label in labels}   # seconds, images
-        classes = 0
         total = len(loader)
         sync = not paddle.device.get_device().startswith("cpu")
         bar = tqdm(total=total, desc=desc, disable=not is_main_process(), leave=False, dynamic_ncols=True)
         try:
             for i, (inputs, targets) in enumerate(loader):
-                y = targets.numpy().reshape(-1)
                 shift = i % len(labels)
                 for label in labels[shift:] + labels[:shift]:
                     settings[label](model)
@@ -132,17 +145,7 @@ class Evaluator:
                     if sync:
                         paddle.device.synchronize()
                     elapsed = time.perf_counter() - start
-                    if isinstance(outputs, (list, tuple)) or outputs.ndim != 2:
-                        raise ValueError(f"Evaluator.compare: expected classification logits [B, K], got "
-                                         f"{type(outputs).__name__} {getattr(outputs, 'shape', '')}")
-                    logits = outputs.astype("float32").numpy()
-                    classes = logits.shape[1]
-                    ks = [min(k, classes) for k in self.topk]
-                    acc = topk_accuracy(logits, y, ks)
-                    n = logits.shape[0]
-                    for j, k in enumerate(ks):
-                        counts[label][j] += int(round(acc[f"top{k}"] * n / 100.0))
-                    counts[label][-1] += n
+                    n = tallies[label].update(outputs, targets)
                     if i > 0 or total == 1:
                         timing[label] += (elapsed, n)
                 bar.update(1)
@@ -150,18 +153,12 @@ class Evaluator:
             bar.close()
             if was_training:
                 model.train()
-        seen = all_reduce_sum(np.array([classes, classes > 0], np.int64))   # ranks with an empty shard saw none
-        classes = int(seen[0]) // max(int(seen[1]), 1)
         out = {}
         for label in labels:
-            c = all_reduce_sum(counts[label])
-            n = int(c[-1])
-            if n == 0:
-                raise RuntimeError("evaluation: the loader produced no batches")
+            res = tallies[label].result()
             seconds, images = timing[label]
             ips = float(all_reduce_sum(np.array([images / seconds if seconds > 0 else 0.0]))[0])
-            res = {f"top{k}": float(c[j]) / n * 100.0 for j, k in enumerate(self.topk) if k < classes or j == 0}
-            res.update(samples=n, ips=ips, timed_samples=int(all_reduce_sum(np.array([images], np.int64))[0]),
+            res.update(ips=ips, timed_samples=int(all_reduce_sum(np.array([images], np.int64))[0]),
                        seconds=float(seconds))
             out[label] = res
         return out

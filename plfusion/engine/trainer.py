@@ -894,48 +894,49 @@ class Trainer:
         return pretrained
 
     def evaluate_tome_dense(self, ratios, resume=None, pretrained=None, use_ema=False):
-        """Evaluate a dense MiT model (segmentor, fused or not) at each ToMe merge ratio.
+        """Evaluate a MiT or Swin model (segmentor, fused or not, or classifier) at each ToMe merge ratio.
 
-        One evaluation pass per ratio; images/s is that pass's samples over its seconds (data
-        loading included, after one untimed warm-up batch), GFLOPs from utils.flops on one sample.
-        Returns one row per ratio and writes <output_dir>/eval_results.json (rank 0)."""
+        One pass over the val data: every batch runs at every ratio in rotating order
+        (Evaluator.compare), so load on a shared machine hits all ratios alike; images/s counts
+        the forward passes only. GFLOPs from utils.flops on one sample. Returns one row per ratio
+        (mIoU or top-1, images/s, speed-up over the first ratio, GFLOPs) and writes
+        <output_dir>/eval_results.json (rank 0)."""
         from ..patches import tome
-        from ..patches.tome.dense import find_mit
+        from ..patches.tome.dense import find_dense_backbone
         from ..utils.flops import count_flops
         if not ratios:
             raise ValueError("evaluate_tome_dense: no ratios given")
+        if self.val_loader is None:
+            raise ConfigError("dataloader.val: missing, so there is nothing to evaluate on")
         source = self._load_eval_weights(resume, pretrained, use_ema)
         net = D.unwrap_model(self.model)
-        if find_mit(net) is None:
-            raise ConfigError(f"--tome-ratio: merge ratios are for dense MiT models; {type(net).__name__} has no "
-                              f"MixVisionTransformer (use --tome-r for ViT-family models)")
+        if find_dense_backbone(net) is None:
+            raise ConfigError(f"--tome-ratio: merge ratios are for MiT and Swin models; {type(net).__name__} has "
+                              f"neither (use --tome-r for ViT-family models)")
         if not tome.is_patched(net):
             tome.apply_patch(net, ratio=0.0)
         for ratio in ratios:
             try:
-                net.ratio = ratio   # validates every setting before the long passes
+                net.ratio = ratio   # validates every setting before the long pass
             except ValueError as e:
                 raise ConfigError(f"--tome-ratio: {e}") from None
         x0 = self.val_loader.dataset[0][0]
         shapes = [[1] + list(a.shape) for a in x0] if isinstance(x0, (list, tuple)) else [1] + list(x0.shape)
-        warm = next(iter(self.val_loader))[0]
-        rows = []
+        settings, gflops = {}, {}
         for ratio in ratios:
+            label = str(ratio)
+            settings[label] = lambda m, ratio=ratio: setattr(m, "ratio", ratio)
             net.ratio = ratio
-            gflops = count_flops(net, shapes)
-            with paddle.no_grad():
-                net.eval()
-                net(warm)
-            start = time.perf_counter()
-            metrics = self.evaluator.run(net, self.val_loader, desc=f"eval ToMe ratio {ratio}")
-            seconds = time.perf_counter() - start
-            rows.append({"ratio": str(ratio), "miou": metrics.get("miou"), "pixel_acc": metrics.get("pixel_acc"),
-                         "samples": metrics["samples"], "ips": metrics["samples"] / self.world_size / seconds,
-                         "gflops": gflops})
+            gflops[label] = count_flops(net, shapes)
+        results = self.evaluator.compare(net, self.val_loader, settings, desc="eval ToMe")
+        base = results[str(ratios[0])]["ips"]
+        rows = [dict(res, ratio=label, gflops=gflops[label], speedup=res["ips"] / base if base else None)
+                for label, res in results.items()]
         for row in rows:
-            row["speedup"] = row["ips"] / rows[0]["ips"]
+            row.pop("per_class_iou", None)
+        key = "miou" if "miou" in rows[0] else "top1"
         logger.info("ToMe evaluation of %s: %s", source, "; ".join(
-            f"ratio={row['ratio']} miou {row['miou']:.2f} images/s {row['ips']:.2f}" for row in rows))
+            f"ratio={row['ratio']} {key} {row[key]:.2f} images/s {row['ips']:.2f}" for row in rows))
         self._write_eval_results({"weights": source, "input_shapes": shapes, "tome": rows})
         return rows
 

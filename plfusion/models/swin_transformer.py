@@ -10,8 +10,9 @@ Two modes, chosen by `out_indices`:
   multiple (the shifted-window mask is built on the padded map), and patch merging pads odd
   sizes. Each requested stage goes through its own `norm{i}` and comes back as NCHW.
 
-Subclasses that fuse modalities (GeminiFusion) override `SwinTransformerBlock.forward` and
-reuse `attention_branch` (norm1 + (shifted) window attention, no shortcut) and `mlp_residual`.
+Modality fusion (GeminiFusion) overrides `SwinTransformerBlock.post_attention`, which sees the
+attention branch's output before drop path and the shortcut; ToMe overrides `forward` and still
+calls it, so the two patches compose in either order.
 """
 import logging
 import re
@@ -151,6 +152,20 @@ class SwinTransformerBlock(nn.Layer):
         norm1, pad to a window multiple, cyclic shift, window attention, reverse shift, crop.
         `mask` is the stage's shifted-window mask for the padded map (used when shift_size > 0)."""
         H, W = hw
+        B, _, C = x.shape
+        w, s = self.window_size, self.shift_size
+        x = self.attn(self.windows(x, hw), mask if s else None)
+        Hp, Wp = -(-H // w) * w, -(-W // w) * w
+        x = window_reverse(x, w, Hp, Wp)
+        if s:
+            x = paddle.roll(x, shifts=(s, s), axis=(1, 2))
+        if Hp != H or Wp != W:
+            x = x[:, :H, :W, :]
+        return x.reshape([B, H * W, C])
+
+    def windows(self, x, hw):
+        """norm1, pad to a window multiple, cyclic shift, partition: [B, H*W, C] -> [B * nW, w*w, C]."""
+        H, W = hw
         B, L, C = x.shape
         assert L == H * W, f"token count {L} does not match the {H}x{W} map"
         w, s = self.window_size, self.shift_size
@@ -158,22 +173,19 @@ class SwinTransformerBlock(nn.Layer):
         pad_b, pad_r = (w - H % w) % w, (w - W % w) % w
         if pad_b or pad_r:
             x = F.pad(x, [0, pad_r, 0, pad_b], data_format="NHWC")
-        Hp, Wp = H + pad_b, W + pad_r
         if s:
             x = paddle.roll(x, shifts=(-s, -s), axis=(1, 2))
-        x = self.attn(window_partition(x, w), mask if s else None)
-        x = window_reverse(x, w, Hp, Wp)
-        if s:
-            x = paddle.roll(x, shifts=(s, s), axis=(1, 2))
-        if pad_b or pad_r:
-            x = x[:, :H, :W, :]
-        return x.reshape([B, H * W, C])
+        return window_partition(x, w)
 
     def mlp_residual(self, x):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
+    def post_attention(self, y):
+        """The attention branch's output [B, tokens, C] before drop path; GeminiFusion fuses modalities here."""
+        return y
+
     def forward(self, x, hw, mask=None):
-        x = x + self.drop_path(self.attention_branch(x, hw, mask))
+        x = x + self.drop_path(self.post_attention(self.attention_branch(x, hw, mask)))
         return self.mlp_residual(x)
 
 

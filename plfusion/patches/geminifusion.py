@@ -172,9 +172,8 @@ class GeminiMiTAttention(GeminiFusionMixin):
 class GeminiSwinBlock(GeminiFusionMixin):
     """Swin block with the fusion on the attention branch, before drop path and the shortcut."""
 
-    def forward(self, x, hw, mask=None):
-        x = x + self.drop_path(self.fuse(self.attention_branch(x, hw, mask)))
-        return self.mlp_residual(x)
+    def post_attention(self, y):
+        return self.fuse(y)
 
 
 _OFFICIAL_CROSS = re.compile(r"^(.*)\.cross_attn_(\d+)_to_(\d+)\.(.+)$")

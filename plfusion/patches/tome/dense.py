@@ -1,4 +1,5 @@
-"""ToMe for the dense MiT backbone (SegFormer), bare or in a Segmentor, and with TokenFusion/GeminiFusion.
+"""ToMe for dense maps: the 2x2-cell merge map, the per-stage ratio, and the MiT (SegFormer) patch,
+bare or in a Segmentor, with TokenFusion/GeminiFusion (Swin: swin.py).
 
 Merging happens only around attention, as Segformer++ does, so every feature map keeps its
 shape: each block builds a merge map from the attention's input, the queries are computed on
@@ -23,7 +24,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-__all__ = ["DenseMerge", "check_ratio", "parse_ratio", "parse_ratio_text", "MAX_RATIO", "DEFAULT_RATIO"]
+__all__ = ["DenseMerge", "match_rows", "check_ratio", "parse_ratio", "parse_ratio_text", "MAX_RATIO", "DEFAULT_RATIO"]
 
 CELL = 2                       # destinations: one per CELL x CELL block of the grid
 MAX_RATIO = 1.0 - 1.0 / (CELL * CELL)
@@ -77,35 +78,52 @@ def _grid(H, W):
     return _GRIDS[(H, W)]
 
 
+def match_rows(metric, H, W, r, num_modalities=1, penalty=None):
+    """The merge map of tokens [M*B, H*W, C] on an H x W grid: each token's row, [M*B, H*W] int64.
+
+    Rows 0.. are the cells' destinations, then the unmerged sources in grid order; N - r rows per
+    item. The M modalities (stacked on the batch axis) share one map, matched on the sum of their
+    normalised features. `penalty` ([B or 1, sources] float, added to the similarities) keeps
+    sources away from their destination (large negative: never merged)."""
+    MB, N, C = metric.shape
+    if MB < 0:
+        raise ValueError("ToMe dense merging needs a fixed batch in a traced program (it sizes its index "
+                         "tensors by the batch); export with a fixed batch size")
+    M = int(num_modalities)
+    B = MB // M
+    src_cell, src, dst, inv = (paddle.to_tensor(a) for a in _grid(H, W))
+    Nd, Ns = int(dst.shape[0]), int(src.shape[0])
+    r = min(int(r), Ns)
+    m = metric.astype("float32")
+    # cosine similarity; 1/|m| from a sum of squares (F.normalize's p_norm is ~5x slower on the CPU)
+    inv_norm = paddle.rsqrt(paddle.clip((m * m).sum(-1), min=1e-24))           # [M*B, N]
+    dst_of_src = paddle.gather(dst, src_cell)
+    if M > 1:
+        m = (m * inv_norm.unsqueeze(-1)).reshape([M, B, N, C]).sum(axis=0)
+    sim = (paddle.index_select(m, src, axis=1) * paddle.index_select(m, dst_of_src, axis=1)).sum(-1)
+    if M == 1:
+        sim = sim * paddle.index_select(inv_norm, src, axis=1) * paddle.index_select(inv_norm, dst_of_src, axis=1)
+    if penalty is not None:
+        sim = sim + penalty
+    top = paddle.topk(sim, r, axis=1)[1]                                     # [B, r] merged src
+    merged = paddle.put_along_axis(paddle.zeros([B, Ns]), top, paddle.ones([B, r]), axis=1)
+    rank = paddle.cumsum(1.0 - merged, axis=1) - 1.0
+    src_row = paddle.where(merged > 0, src_cell.astype("float32").unsqueeze(0).expand([B, Ns]), Nd + rank)
+    rows = paddle.concat([paddle.arange(Nd, dtype="float32").unsqueeze(0).expand([B, Nd]), src_row], axis=1)
+    inverse = paddle.index_select(rows, inv, axis=1).astype("int64")        # [B, N]: each token's row
+    if M > 1:
+        inverse = paddle.tile(inverse, [M, 1])
+    return inverse, N - r
+
+
 class DenseMerge:
     """A merge map for tokens [M*B, H*W, C]: `merge` (mean into rows) and `unmerge` (copy back)."""
 
     def __init__(self, metric, H, W, r, num_modalities=1):
-        MB, N, C = metric.shape
-        if MB < 0:
-            raise ValueError("ToMe dense merging needs a fixed batch in a traced program (it sizes its index "
-                             "tensors by the batch); export with a fixed batch size")
-        M = int(num_modalities)
-        B = MB // M
-        src_cell, src, dst, inv = (paddle.to_tensor(a) for a in _grid(H, W))
-        Nd, Ns = int(dst.shape[0]), int(src.shape[0])
-        r = min(int(r), Ns)
-        m = F.normalize(metric.astype("float32"), axis=-1)
-        if M > 1:
-            m = m.reshape([M, B, N, C]).sum(axis=0)
-        sim = (paddle.index_select(m, src, axis=1) * paddle.index_select(m, paddle.gather(dst, src_cell), axis=1)).sum(-1)
-        top = paddle.topk(sim, r, axis=1)[1]                                     # [B, r] merged src
-        merged = paddle.put_along_axis(paddle.zeros([B, Ns]), top, paddle.ones([B, r]), axis=1)
-        rank = paddle.cumsum(1.0 - merged, axis=1) - 1.0
-        src_row = paddle.where(merged > 0, src_cell.astype("float32").unsqueeze(0).expand([B, Ns]), Nd + rank)
-        rows = paddle.concat([paddle.arange(Nd, dtype="float32").unsqueeze(0).expand([B, Nd]), src_row], axis=1)
-        inverse = paddle.index_select(rows, inv, axis=1).astype("int64")        # [B, N]: each token's row
-        if M > 1:
-            inverse = paddle.tile(inverse, [M, 1])
-        self.num_rows = N - r
-        self.inverse = inverse
+        MB, N, _ = metric.shape
+        self.inverse, self.num_rows = match_rows(metric, H, W, r, num_modalities)
         self.num_tokens = N
-        self._flat = (inverse + paddle.arange(MB, dtype="int64").unsqueeze(1) * self.num_rows).reshape([-1])
+        self._flat = (self.inverse + paddle.arange(MB, dtype="int64").unsqueeze(1) * self.num_rows).reshape([-1])
         ones = paddle.ones([MB * N, 1], "float32")
         self._count = paddle.index_add(paddle.zeros([MB * self.num_rows, 1], "float32"), self._flat, 0, ones)
 
@@ -201,22 +219,35 @@ def find_mit(model):
     return None
 
 
+def find_dense_backbone(model):
+    """The MiT or Swin backbone inside `model` (the models dense ToMe patches), or None."""
+    from .swin import find_swin
+    return find_mit(model) or find_swin(model)
+
+
 def apply_dense_patch(model, backbone, ratio, trace_source, swap, merge_mlp=False):
-    """Patch the MiT `backbone` inside `model` (see the module docstring); `swap(layer, mixins)` swaps classes."""
-    num_stages = len(backbone.embed_dims)
+    """Patch the MiT or Swin `backbone` inside `model` (see the module docstrings); `swap(layer, mixins)`
+    swaps classes. merge_mlp is MiT's choice: a Swin block always merges its MLP."""
+    from .swin import apply_swin_patch
+    from ...models.swin_transformer import SwinTransformer
+    is_swin = isinstance(backbone, SwinTransformer)
+    num_stages = backbone.num_layers if is_swin else len(backbone.embed_dims)
     ratio = DEFAULT_RATIO if ratio is None else ratio
     check_ratio(ratio, num_stages, where="tome.apply_patch(ratio=...)")
     # `backbone` sits in a plain dict: a Layer attribute would register it as a sublayer
     info = {"ratio_setting": ratio, "ratios": parse_ratio(ratio, num_stages), "num_stages": num_stages,
             "backbone": backbone, "trace_source": bool(trace_source), "maps": {}, "dense": True,
             "merge_mlp": bool(merge_mlp)}
-    count = 0
-    for stage in range(num_stages):
-        for index, blk in enumerate(backbone.stage_layers(stage)[1]):
-            swap(blk, (_DenseToMeBlock,))
-            swap(blk.attn, (_DenseToMeAttention,))
-            blk._tome_info, blk._tome_stage, blk._tome_index = info, stage, index
-            count += 1
+    if is_swin:
+        count = apply_swin_patch(info, backbone, swap)
+    else:
+        count = 0
+        for stage in range(num_stages):
+            for index, blk in enumerate(backbone.stage_layers(stage)[1]):
+                swap(blk, (_DenseToMeBlock,))
+                swap(blk.attn, (_DenseToMeAttention,))
+                blk._tome_info, blk._tome_stage, blk._tome_index = info, stage, index
+                count += 1
     for layer in {id(backbone): backbone, id(model): model}.values():
         swap(layer, (_DenseToMeModel,))
         layer._tome_info = info

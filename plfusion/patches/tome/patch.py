@@ -137,28 +137,30 @@ def apply_patch(model, trace_source=False, prop_attn=True, r=None, ratio=None, m
     covers); prop_attn adds log(size) to the attention logits (keep it for off-the-shelf models).
     `r` (optional) sets model.r at once, as configs do with `patches: [{name: tome, r: 16}]`.
 
-    Dense MiT models (a MixVisionTransformer, a Segmentor holding one, with or without
+    MiT and Swin models (the backbone, or a Segmentor or Classifier holding one, with or without
     TokenFusion/GeminiFusion): `ratio` is the fraction of tokens merged per stage (a number or one
-    per stage; default dense.DEFAULT_RATIO), later `model.ratio`; merge_mlp merges the MixFFN's
-    per-token layers too; trace_source keeps the merge maps in model._tome_info["maps"]. See plfusion/patches/tome/dense.py.
+    per stage; default dense.DEFAULT_RATIO), later `model.ratio`; merge_mlp merges MiT's MixFFN
+    per-token layers too (Swin always merges its MLP); trace_source keeps the merge maps in
+    model._tome_info["maps"]. See plfusion/patches/tome/dense.py and swin.py.
     A second call on a patched model changes nothing.
     """
     blocks = [m for m in model.sublayers(include_self=True) if _supported_block(m)]
-    mit = dense.find_mit(model) if not blocks else None
-    if mit is not None:
+    backbone = dense.find_dense_backbone(model) if not blocks else None
+    if backbone is not None:
         if is_patched(model):
             logger.warning("ToMe: %s is already patched; apply_patch changes nothing (set model.ratio, or call "
                            "remove_patch first)", type(model).__name__)
             return model
         if r is not None:
-            raise ValueError("tome.apply_patch: r (tokens per layer) is for ViT-family models; a dense MiT model "
-                             "takes ratio (the fraction of each stage's tokens merged), e.g. ratio=0.5")
-        count = dense.apply_dense_patch(model, mit, ratio, trace_source, _swap, merge_mlp)
-        logger.info("ToMe: patched %d MiT blocks of %s, ratio %s per stage", count,
+            raise ValueError(f"tome.apply_patch: r (tokens per layer) is for ViT-family models; a "
+                             f"{type(backbone).__name__} takes ratio (the fraction of each stage's tokens merged), "
+                             f"e.g. ratio=0.5")
+        count = dense.apply_dense_patch(model, backbone, ratio, trace_source, _swap, merge_mlp)
+        logger.info("ToMe: patched %d %s blocks of %s, ratio %s per stage", count, type(backbone).__name__,
                     type(model)._tome_orig_class.__name__, model.ratio)
         return model
     if ratio is not None:
-        raise ValueError(f"tome.apply_patch: ratio is for dense MiT models; {type(model).__name__} takes r "
+        raise ValueError(f"tome.apply_patch: ratio is for MiT and Swin models; {type(model).__name__} takes r "
                          f"(tokens merged per layer), e.g. r=16")
     if is_patched(model):
         info = getattr(model, "_tome_info", None)
