@@ -6,7 +6,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-__all__ = ["linear", "Linear", "qkv_scaled_q", "resize_bilinear", "DropPath", "Mlp", "PatchEmbed", "Attention", "Block", "LayerNorm", "trunc_normal_", "zeros_", "ones_",
+__all__ = ["linear", "add_channel_bias", "Linear", "qkv_scaled_q", "resize_bilinear", "DropPath", "Mlp", "PatchEmbed", "Attention", "Block", "LayerNorm", "trunc_normal_", "zeros_", "ones_",
            "init_transformer_weights", "to_2tuple", "check_input", "drop_path_rates", "stage_indices"]
 
 trunc_normal_ = nn.initializer.TruncatedNormal(std=0.02)
@@ -25,6 +25,27 @@ def linear(x, weight, bias=None):
         return F.linear(x, weight, bias)
     y = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
     return y if len(lead) == 1 else y.reshape([*lead, y.shape[-1]])
+
+
+_ONES = {}
+
+
+def add_channel_bias(x, bias):
+    """x [..., C] + bias [C], the bias added by a rank-1 GEMM (ones column @ bias row) in dygraph on the CPU.
+
+    Paddle's broadcast add and, above all, its backward (a single-threaded reduction for the
+    bias's gradient) cost ~4x the GEMM form here; traced programs keep the add, which Paddle
+    Inference fuses into the producer."""
+    if not paddle.in_dynamic_mode() or not x.place.is_cpu_place() or -1 in x.shape:
+        return x + bias
+    C = x.shape[-1]
+    rows = int(np.prod(x.shape[:-1]))
+    key = (rows, str(x.dtype))
+    if key not in _ONES:
+        if len(_ONES) > 64:     # a run repeats a few shapes; do not grow without bound
+            _ONES.clear()
+        _ONES[key] = paddle.ones([rows, 1], x.dtype)
+    return paddle.addmm(x.reshape([rows, C]), _ONES[key], bias.unsqueeze(0)).reshape(x.shape)
 
 
 _RESIZE_CACHE = {}
@@ -155,7 +176,7 @@ class DropPath(nn.Layer):
         keep = 1.0 - self.drop_prob
         shape = [x.shape[0]] + [1] * (x.ndim - 1)
         mask = paddle.floor(keep + paddle.rand(shape, dtype=x.dtype))
-        return x / keep * mask
+        return x * (mask / keep)     # one pass over x
 
     def extra_repr(self):
         return f"drop_prob={self.drop_prob}"

@@ -11,13 +11,14 @@ modality and intercept between them.
 """
 import math
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..registry import BACKBONES, NonNegativeInt, PositiveFloats, PositiveInt, PositiveInts, Rate
-from .layers import (DropPath, LayerNorm, Linear, check_input, drop_path_rates, init_transformer_weights, stage_indices,
-                     zeros_)
+from .layers import (DropPath, LayerNorm, Linear, add_channel_bias, check_input, drop_path_rates,
+                     init_transformer_weights, stage_indices, zeros_)
 from .pretrained import PretrainedMixin
 
 __all__ = ["MixVisionTransformer", "OverlapPatchEmbed", "EfficientAttention", "MixFFN", "DWConv", "MiTBlock",
@@ -68,8 +69,16 @@ class DWConv(nn.Layer):
 
     def forward(self, x, H, W):
         B, N, C = x.shape
-        x = self.dwconv(x.transpose([0, 2, 1]).reshape([B, C, H, W]))
-        return x.flatten(2).transpose([0, 2, 1])
+        conv = self.dwconv
+        # the bias goes on in token layout, where add_channel_bias is cheap (a NCHW broadcast add is not)
+        x = F.conv2d(x.transpose([0, 2, 1]).reshape([B, C, H, W]), conv.weight, None, conv._stride, conv._padding,
+                     conv._dilation, conv._groups)
+        x = x.flatten(2).transpose([0, 2, 1])
+        return x if conv.bias is None else add_channel_bias(x, conv.bias)
+
+    def flops_hook(self, inputs, output):
+        """The conv's multiply-adds (its layer is not called, so count_flops's conv hook does not see it)."""
+        return int(np.prod(output.shape)) * 9
 
 
 class MixFFN(nn.Layer):
