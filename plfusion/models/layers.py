@@ -14,20 +14,36 @@ zeros_ = nn.initializer.Constant(0.0)
 ones_ = nn.initializer.Constant(1.0)
 
 
+_ONES = {}
+
+
+def _ones(shape, dtype):
+    key = (tuple(shape), str(dtype))
+    if key not in _ONES:
+        if len(_ONES) > 64:     # a run repeats a few shapes; do not grow without bound
+            _ONES.clear()
+        _ONES[key] = paddle.ones(shape, dtype)
+    return _ONES[key]
+
+
 def linear(x, weight, bias=None):
     """x @ weight + bias with the bias added inside the GEMM (addmm) in dygraph on the CPU.
 
     Paddle's CPU linear adds the bias in a separate broadcast pass that costs 2-3x the GEMM
-    itself; addmm writes it into the GEMM's output first (bit-identical results here). Traced
-    programs keep matmul + add, which Paddle Inference fuses."""
+    itself; addmm writes it into the GEMM's output first (bit-identical results here). With
+    gradients on, the bias is added by a second, rank-1 addmm after the matmul instead: the
+    backward of addmm(bias, x, w) reduces the bias's gradient with a single-threaded kernel and is
+    ~1.3x slower than matmul + rank-1 addmm. Traced programs keep matmul + add, which Paddle
+    Inference fuses."""
     lead = x.shape[:-1]
     if bias is None or not paddle.in_dynamic_mode() or not x.place.is_cpu_place() or -1 in lead:
         return F.linear(x, weight, bias)
-    y = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
+    x2 = x.reshape([-1, x.shape[-1]])
+    if paddle.is_grad_enabled() and not (x.stop_gradient and weight.stop_gradient and bias.stop_gradient):
+        y = paddle.addmm(paddle.matmul(x2, weight), _ones([x2.shape[0], 1], x.dtype), bias.unsqueeze(0))
+    else:
+        y = paddle.addmm(bias.unsqueeze(0), x2, weight)
     return y if len(lead) == 1 else y.reshape([*lead, y.shape[-1]])
-
-
-_ONES = {}
 
 
 def add_channel_bias(x, bias):
@@ -40,12 +56,7 @@ def add_channel_bias(x, bias):
         return x + bias
     C = x.shape[-1]
     rows = int(np.prod(x.shape[:-1]))
-    key = (rows, str(x.dtype))
-    if key not in _ONES:
-        if len(_ONES) > 64:     # a run repeats a few shapes; do not grow without bound
-            _ONES.clear()
-        _ONES[key] = paddle.ones([rows, 1], x.dtype)
-    return paddle.addmm(x.reshape([rows, C]), _ONES[key], bias.unsqueeze(0)).reshape(x.shape)
+    return paddle.addmm(x.reshape([rows, C]), _ones([rows, 1], x.dtype), bias.unsqueeze(0)).reshape(x.shape)
 
 
 _RESIZE_CACHE = {}
