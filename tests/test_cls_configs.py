@@ -23,8 +23,9 @@ from plfusion.registry import ConfigError, check_kwargs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLS_DIRS = ("deit", "vit", "swin", "mvit", "t2t_vit")
+QUICKSTARTS = ["configs/quickstart/vit_tiny_synthetic.yaml", "configs/quickstart/swin_tiny_synthetic.yaml"]
 CONFIGS = sorted([os.path.relpath(p, ROOT) for d in CLS_DIRS
-                  for p in glob.glob(os.path.join(ROOT, "configs", d, "*.yaml"))] + ["configs/quickstart/vit_tiny_synthetic.yaml"])
+                  for p in glob.glob(os.path.join(ROOT, "configs", d, "*.yaml"))] + QUICKSTARTS)
 GPUS_WHEN_UNNAMED = 8   # swin / t2t_vit file names keep the model name; their recipes state 8 GPUs
 
 

@@ -3,7 +3,7 @@ import paddle
 import paddle.nn as nn
 
 from ..registry import HEADS, PositiveInt, PositiveInts, Rate
-from .layers import Linear, resize_bilinear, trunc_normal_, zeros_
+from .layers import Linear, _resize_matrix, resize_bilinear, trunc_normal_, zeros_
 
 __all__ = ["LinearClsHead", "SegFormerHead"]
 
@@ -95,28 +95,55 @@ class SegFormerHead(nn.Layer):
         # linear_c{i} and linear_fuse's 1x1 conv are per-pixel linear maps, and bilinear resizing
         # (weights summing to 1) commutes with them: each map is projected straight to the fused
         # space at its own resolution with the composed weight, resized, and summed. Same function
-        # as concat -> linear_fuse, without the 4*embed_dim-channel tensor at stride 4.
+        # as concat -> linear_fuse, without the 4*embed_dim-channel tensor at stride 4. In eval,
+        # BatchNorm is a per-channel affine and is folded into those weights and the bias too.
         n, dim = len(feats), self.embed_dim
         fuse = self.linear_fuse.conv.weight.reshape([dim, n * dim])
-        size = feats[0].shape[2:]
-        out, bias = None, None
+        bn = self.linear_fuse.bn
+        if not self.training:
+            scale = bn.weight / paddle.sqrt(bn._variance + bn._epsilon)
+            fuse = fuse * scale.unsqueeze(-1)
+        weights, bias = [], None
         for i, x in enumerate(feats):
             if x.ndim != 4 or x.shape[1] != self.in_channels[i]:
                 raise ValueError(f"SegFormerHead: feature map {i} should be [B, {self.in_channels[i]}, h, w], "
                                  f"got {list(x.shape)}")
             proj = getattr(self, f"linear_c{i + 1}").proj
             block = fuse[:, (n - 1 - i) * dim:(n - i) * dim]          # maps are concatenated deepest first
-            weight = paddle.matmul(block, proj.weight, transpose_y=True)   # [dim, C_i]
+            weights.append(paddle.matmul(block, proj.weight, transpose_y=True))   # [dim, C_i]
             b = paddle.matmul(block, proj.bias.unsqueeze(-1)).squeeze(-1)
-            B, C, h, w = x.shape
-            y = paddle.matmul(weight, x.reshape([B, C, h * w])).reshape([B, dim, h, w])
-            if i:
-                y = resize_bilinear(y, size, self.align_corners)
-            out = y if out is None else out + y
             bias = b if bias is None else bias + b
-        x = out + bias.reshape([1, dim, 1, 1])
-        x = self.linear_fuse.act(self.linear_fuse.bn(x))
+        if not self.training:
+            bias = bias + bn.bias - bn._mean * scale
+        x = self._fused_maps(feats, weights, bias.reshape([1, dim, 1]))
+        x = self.linear_fuse.act(x if not self.training else self.linear_fuse.bn(x))
         return self.linear_pred(self.dropout(x))
+
+    def _fused_maps(self, feats, weights, bias):
+        """sum_i resize(weights[i] @ feats[i]) + bias at the first map's size, [B, dim, H, W].
+
+        In dygraph the sum accumulates inside the GEMMs (baddbmm / addmm): no full-size adds.
+        Traced programs keep matmul + add, which Paddle Inference and paddle2onnx know."""
+        B, _, H, W = feats[0].shape
+        dim = weights[0].shape[0]
+        out = None
+        for i, (x, weight) in enumerate(zip(feats, weights)):
+            _, C, h, w = x.shape
+            x = x.reshape([B, C, h * w])
+            if not paddle.in_dynamic_mode() or -1 in x.shape:
+                y = paddle.matmul(weight, x).reshape([B, dim, h, w])
+                y = resize_bilinear(y, (H, W), self.align_corners)
+                out = y + bias.unsqueeze(-1) if out is None else out + y
+                continue
+            if (h, w) == (H, W):    # the first map (bias broadcast into it), or one of the same size
+                out = paddle.baddbmm(bias if out is None else out, weight.unsqueeze(0).expand([B, dim, C]), x)
+                continue
+            y = paddle.matmul(weight, x).reshape([B, dim, h, w])
+            rows = paddle.to_tensor(_resize_matrix(h, H, self.align_corners), dtype=y.dtype)
+            cols = paddle.to_tensor(_resize_matrix(w, W, self.align_corners), dtype=y.dtype)
+            t = paddle.matmul(rows, y).reshape([B * dim * H, w])
+            out = paddle.addmm(out.reshape([B * dim * H, W]), t, cols.t())
+        return out.reshape([B, dim, H, W])
 
     def flops_hook(self, inputs, output):
         """Multiply-adds of SegFormer's formulation (per-map Linear, then the 1x1 fuse conv at stride 4),
