@@ -6,7 +6,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-__all__ = ["linear", "add_channel_bias", "Linear", "qkv_scaled_q", "resize_bilinear", "DropPath", "Mlp", "PatchEmbed", "Attention", "Block", "LayerNorm", "trunc_normal_", "zeros_", "ones_",
+__all__ = ["linear", "add_channel_bias", "cached_ones", "Linear", "qkv_scaled_q", "resize_bilinear", "DropPath", "Mlp", "PatchEmbed", "Attention", "Block", "LayerNorm", "trunc_normal_", "zeros_", "ones_",
            "init_transformer_weights", "to_2tuple", "check_input", "drop_path_rates", "stage_indices"]
 
 trunc_normal_ = nn.initializer.TruncatedNormal(std=0.02)
@@ -17,7 +17,8 @@ ones_ = nn.initializer.Constant(1.0)
 _ONES = {}
 
 
-def _ones(shape, dtype):
+def cached_ones(shape, dtype):
+    """A ones tensor of this shape and dtype, made once (the rank-1 GEMMs that add biases use them)."""
     key = (tuple(shape), str(dtype))
     if key not in _ONES:
         if len(_ONES) > 64:     # a run repeats a few shapes; do not grow without bound
@@ -40,7 +41,7 @@ def linear(x, weight, bias=None):
         return F.linear(x, weight, bias)
     x2 = x.reshape([-1, x.shape[-1]])
     if paddle.is_grad_enabled() and not (x.stop_gradient and weight.stop_gradient and bias.stop_gradient):
-        y = paddle.addmm(paddle.matmul(x2, weight), _ones([x2.shape[0], 1], x.dtype), bias.unsqueeze(0))
+        y = paddle.addmm(paddle.matmul(x2, weight), cached_ones([x2.shape[0], 1], x.dtype), bias.unsqueeze(0))
     else:
         y = paddle.addmm(bias.unsqueeze(0), x2, weight)
     return y if len(lead) == 1 else y.reshape([*lead, y.shape[-1]])
@@ -56,7 +57,7 @@ def add_channel_bias(x, bias):
         return x + bias
     C = x.shape[-1]
     rows = int(np.prod(x.shape[:-1]))
-    return paddle.addmm(x.reshape([rows, C]), _ones([rows, 1], x.dtype), bias.unsqueeze(0)).reshape(x.shape)
+    return paddle.addmm(x.reshape([rows, C]), cached_ones([rows, 1], x.dtype), bias.unsqueeze(0)).reshape(x.shape)
 
 
 _RESIZE_CACHE = {}
