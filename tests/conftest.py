@@ -91,3 +91,19 @@ def run_notebook(name, env, timeout=120):
     text = "".join(o.get("text", "") for o in outputs)
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     return nb, text, images
+
+
+def segmentor_inputs(fusion, size, batch=2):
+    """Seeded random input of a segmentor: one [batch, 3, *size] tensor, or two (RGB-D) when `fusion`."""
+    import paddle
+    paddle.seed(1)
+    x = [paddle.randn([batch, 3, *size]) for _ in range(2 if fusion else 1)]
+    return x if fusion else x[0]
+
+
+def outputs_numpy(model, x):
+    """Every output of model(x) as numpy, in a list (a fused segmentor returns several)."""
+    import paddle
+    with paddle.no_grad():
+        y = model(x)
+    return [t.numpy() for t in (y if isinstance(y, (list, tuple)) else [y])]

@@ -5,6 +5,7 @@ remove_patch restores it, and training and tracing work."""
 import numpy as np
 import paddle
 import pytest
+from conftest import outputs_numpy, segmentor_inputs
 
 from plfusion.models import build_model, create_model
 from plfusion.patches import geminifusion, tokenfusion, tome
@@ -31,15 +32,10 @@ def _seg(fusion=None, tome_first=False, ratio=0.5):
 
 
 def _inputs(fusion, batch=2):
-    paddle.seed(1)
-    x = [paddle.randn([batch, 3, *SIZE]) for _ in range(2 if fusion else 1)]
-    return x if fusion else x[0]
+    return segmentor_inputs(fusion, SIZE, batch)
 
 
-def _outs(model, x):
-    with paddle.no_grad():
-        y = model(x)
-    return [t.numpy() for t in (y if isinstance(y, (list, tuple)) else [y])]
+_outs = outputs_numpy
 
 
 @pytest.mark.parametrize("fusion", [None, "gemini", "token"])

@@ -6,6 +6,7 @@ either order gives one model sharing one map, and training, FLOP counting and tr
 import numpy as np
 import paddle
 import pytest
+from conftest import outputs_numpy, segmentor_inputs
 
 from plfusion.models import build_model
 from plfusion.models.swin_transformer import SwinTransformer, SwinTransformerBlock, shifted_window_mask
@@ -33,15 +34,10 @@ def _seg(fusion=False, tome_first=False, ratio=0.5):
 
 
 def _inputs(fusion, batch=2):
-    paddle.seed(1)
-    x = [paddle.randn([batch, 3, *SIZE]) for _ in range(2 if fusion else 1)]
-    return x if fusion else x[0]
+    return segmentor_inputs(fusion, SIZE, batch)
 
 
-def _outs(model, x):
-    with paddle.no_grad():
-        y = model(x)
-    return [t.numpy() for t in (y if isinstance(y, (list, tuple)) else [y])]
+_outs = outputs_numpy
 
 
 @pytest.mark.parametrize("fusion", [False, True])
