@@ -193,3 +193,11 @@ def test_a_swin_classifier_config_takes_the_ratio():
     assert tome.is_patched(m) and m.ratio == 0.5
     with pytest.raises(ValueError, match="takes ratio"):
         tome.apply_patch(SwinTransformer(num_classes=10, **SMALL), r=8)
+
+
+def test_export_of_a_merged_swin_fusion_segmentor_matches_dygraph(tmp_path):
+    from plfusion.export import export_model
+    seg = _seg(True, ratio=0.5)
+    info = export_model(seg, str(tmp_path / "exp"), img_size=SIZE, check_batch=2, batch_size=2)
+    assert info["tome_ratio"] == 0.5
+    assert max(info["check"]["max_abs_diff"].values()) < 1e-3

@@ -88,18 +88,20 @@ class Worker:
         self.close()
 
 
-def lockstep(ours, worker, rounds, warmup=1, gap=0.5, group=None):
+def lockstep(ours, worker, rounds, warmup=1, gap=0.5, group=None, theirs=None):
     """Time ours (label -> callable) and every worker setting `rounds` times in rotating order.
 
     `group` (label -> sort key) orders the settings before rotating, e.g. so that the two sides of
     one comparison run back to back and see nearly the same load.
     `gap` seconds of idle precede each timed batch: OpenMP threads of the side that ran last spin
     for up to 200 ms after their work and would slow the other side.
+    `theirs` limits the worker's settings to these labels.
     Returns ({label: [seconds per round]}, (load average before, after))."""
     for _ in range(warmup):     # the worker warmed up before announcing itself
         for fn in ours.values():
             fn()
-    settings = [(label, False) for label in ours] + [(label, True) for label in worker.labels]
+    settings = [(label, False) for label in ours] + [(label, True) for label in worker.labels
+                                                     if theirs is None or label in theirs]
     if group:
         settings.sort(key=lambda s: group(s[0]))     # stable: ours before theirs within a group
     times = {label: [] for label, _ in settings}
