@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--tome-r", nargs="+", default=None, metavar="R",
                    help="ToMe r values: 16, '16,-1' (r, inflection) or '[8,8,4]'; r=0 is added as the baseline")
     p.add_argument("--tome-ratio", nargs="+", default=None, metavar="RATIO",
-                   help="MiT and Swin models: ToMe merge ratios, 0.5 or one per stage '0.5,0.5,0.25,0'; 0 is added "
+                   help="MiT, Swin and MViTv2 models: ToMe merge ratios, 0.5 or one per stage '0.5,0.5,0.25,0'; 0 is added "
                         "as the baseline")
     p.add_argument("--onednn", nargs="+", default=["on"], choices=("on", "off"),
                    help="oneDNN settings of the inference engine (default: on)")
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     if args.train and not args.config:
         p.error("--train needs -c/--config (its dataloader.train, optimizer and loss are used)")
     if args.tome_r is not None and args.tome_ratio is not None:
-        p.error("--tome-r (ViT-family models) and --tome-ratio (MiT and Swin models) do not go together")
+        p.error("--tome-r (ViT-family models) and --tome-ratio (MiT, Swin and MViTv2 models) do not go together")
     if args.override and not args.config:
         p.error("-o/--override needs -c/--config")
     if not args.config and not args.model:

@@ -23,7 +23,7 @@ import paddle
 
 from . import __version__
 from .paddle_check import gpu_status, installed_paddle_dists, install_command, wheel_index
-from .utils.cpu import available_cpus, cpu_model, cpu_vendor
+from .utils.cpu import STRIDE_FLAG, available_cpus, cpu_model, cpu_vendor
 
 __all__ = ["collect", "format_text", "self_check", "nvidia_driver", "main"]
 
@@ -142,7 +142,13 @@ def _cpu():
     threads, cores, procs = default_threads()
     return {"model": cpu_model(), "vendor": cpu_vendor(), "usable_cores": available_cpus(),
             "logical_cpus": os.cpu_count(), "default_threads": threads, "processes_here": procs,
+            "stride_kernels": bool(paddle_flag(STRIDE_FLAG)),
             **{var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_DEBUG_CPU_TYPE")}}
+
+
+def paddle_flag(name):
+    import paddle
+    return paddle.get_flags([name])[name]
 
 
 # ----------------------------------------------------------------------------- self-check
@@ -293,6 +299,8 @@ def format_text(report):
     row("cores", f"{cpu['usable_cores']} usable of {cpu['logical_cpus']}", 2)
     row("plfusion threads", f"{cpu['default_threads']} per process by default (usable cores / {cpu['processes_here']} "
                             f"process(es) here; --threads N overrides)", 2)
+    row("strided views", "on (FLAGS_use_stride_kernel=1 in the environment: transposes and reshapes are slower)"
+        if cpu["stride_kernels"] else "off (plfusion's default: see plfusion/utils/cpu.py)", 2)
     row("env", ", ".join(f"{k}={cpu[k] if cpu[k] is not None else 'unset'}"
                          for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_DEBUG_CPU_TYPE")), 2)
     lines.append("Optional packages")

@@ -488,7 +488,7 @@ def parse_args(argv=None):
     p.add_argument("--tome-r", default=None, metavar="R",
                    help="patch with ToMe at this fixed r: 16, '16,-1' or '[8,8,4]'")
     p.add_argument("--tome-ratio", default=None, metavar="RATIO",
-                   help="MiT and Swin models: ToMe at this fixed merge ratio, 0.5 or one per stage '0.5,0.5,0.25,0'")
+                   help="MiT, Swin and MViTv2 models: ToMe at this fixed merge ratio, 0.5 or one per stage '0.5,0.5,0.25,0'")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--check-batch", type=int, default=2, help="batch size of the random check input")
     p.add_argument("--batch-size", type=int, default=None,

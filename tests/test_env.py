@@ -32,6 +32,7 @@ def test_json_report_from_the_command_line():
     assert report["paddle_build"]["onednn"] is True and report["paddle_build"]["cuda"] == \
         (str(paddle.version.cuda()) if paddle.is_compiled_with_cuda() else None)
     assert report["cpu"]["usable_cores"] >= 1 and report["cpu"]["default_threads"] >= 1
+    assert report["cpu"]["stride_kernels"] is False or "FLAGS_use_stride_kernel" in os.environ   # off unless asked
     assert set(report["optional"]) == {"onnxruntime", "paddle2onnx", "visualdl", "nvidia-ml-py"}
     usable, info = gpu_status()
     checks = {r["name"]: r for r in report["self_check"]}
@@ -51,6 +52,7 @@ def test_text_report_is_one_pasteable_block(capsys):
     assert any(line.startswith("Paddle ") and paddle.__version__ in line for line in lines)
     assert any(re.fullmatch(r"  cpu +pass \(\d+\.\d\d s\)", line) for line in lines)
     assert any(line.strip().startswith("visualdl") for line in lines)
+    assert any(line.strip().startswith("strided views") for line in lines)
     assert paddle.device.get_device() == "cpu" or gpu_status()[0]      # the self-check put the device back
 
 

@@ -167,7 +167,7 @@ def test_errors_name_the_setting():
         seg.ratio = [0.5, 0.5]
     with pytest.raises(ValueError, match="r \\(tokens per layer\\) is for ViT-family models"):
         tome.apply_patch(_unpatched(None), r=8)
-    with pytest.raises(ValueError, match="ratio is for MiT and Swin models"):
+    with pytest.raises(ValueError, match="ratio is for MiT, Swin and MViTv2 models"):
         tome.apply_patch(create_model("vit_tiny_patch16_224"), ratio=0.5)
 
 

@@ -57,7 +57,7 @@ def build_parser(prog, eval_only=False):
                    help="with evaluation: evaluate at each ToMe r (16, '16,-1' for (r, inflection), '[8,8,4]') in one "
                         "pass and print accuracy, images/s and GFLOPs per r; the first r is the speed-up baseline")
     p.add_argument("--tome-ratio", nargs="+", default=None, metavar="RATIO",
-                   help="with evaluation of a MiT or Swin model: evaluate at each ToMe merge ratio (0.5, or one per "
+                   help="with evaluation of a MiT, Swin or MViTv2 model: evaluate at each ToMe merge ratio (0.5, or one per "
                         "stage: '0.5,0.5,0.25,0') and print mIoU, images/s and GFLOPs per setting")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads per process (default: usable cores / processes on this machine)")

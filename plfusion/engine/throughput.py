@@ -35,7 +35,7 @@ def _loader_rate(loader, batches):
 def training_throughput(cfg, steps=10, warmup=2, loader_batches=None, tome_ratios=None):
     """{'loader_ips', 'train_ips', 'ratio', 'batch_size', 'steps'} for the config's train section.
 
-    With `tome_ratios` (MiT and Swin models) the model is ToMe-patched and every ratio's update is
+    With `tome_ratios` (MiT, Swin and MViTv2 models) the model is ToMe-patched and every ratio's update is
     timed in rotating order; 'tome' then lists {'ratio', 'train_ips', 'speedup'} (speed-up over
     the first ratio, median of per-round time ratios) and 'train_ips' is the first ratio's."""
     if steps < 1 or warmup < 0:

@@ -894,7 +894,7 @@ class Trainer:
         return pretrained
 
     def evaluate_tome_dense(self, ratios, resume=None, pretrained=None, use_ema=False):
-        """Evaluate a MiT or Swin model (segmentor, fused or not, or classifier) at each ToMe merge ratio.
+        """Evaluate a MiT, Swin or MViTv2 model (segmentor, fused or not, or classifier) at each ToMe merge ratio.
 
         One pass over the val data: every batch runs at every ratio in rotating order
         (Evaluator.compare), so load on a shared machine hits all ratios alike; images/s counts
@@ -911,7 +911,7 @@ class Trainer:
         source = self._load_eval_weights(resume, pretrained, use_ema)
         net = D.unwrap_model(self.model)
         if find_dense_backbone(net) is None:
-            raise ConfigError(f"--tome-ratio: merge ratios are for MiT and Swin models; {type(net).__name__} has "
+            raise ConfigError(f"--tome-ratio: merge ratios are for MiT, Swin and MViTv2 models; {type(net).__name__} has "
                               f"neither (use --tome-r for ViT-family models)")
         if not tome.is_patched(net):
             tome.apply_patch(net, ratio=0.0)

@@ -111,32 +111,49 @@ class MultiScaleAttention(nn.Layer):
         t = t.reshape([B, n, hd, -1]).transpose([0, 1, 3, 2])
         return norm(t), out_hw
 
-    def add_rel_pos(self, attn, q, q_hw, k_hw):
-        """attn[b, n, (qh, qw), (kh, kw)] += q . Rh[qh, kh] + q . Rw[qw, kw]."""
+    def rel_terms(self, q, q_hw, k_hw):
+        """The decomposed relative-position terms of each query: q . Rh[qh, kh] and q . Rw[qw, kw],
+        as [B, heads, Nq, kh] and [B, heads, Nq, kw]."""
         B, n, _, hd = q.shape
         Rh = paddle.index_select(self.rel_pos_h, paddle.to_tensor(rel_pos_indices(q_hw[0], k_hw[0]).reshape(-1)))
         Rw = paddle.index_select(self.rel_pos_w, paddle.to_tensor(rel_pos_indices(q_hw[1], k_hw[1]).reshape(-1)))
         r = q.reshape([B, n, q_hw[0], q_hw[1], hd])
         rel_h = paddle.einsum("byhwc,hkc->byhwk", r, Rh.reshape([q_hw[0], k_hw[0], hd]))
         rel_w = paddle.einsum("byhwc,wkc->byhwk", r, Rw.reshape([q_hw[1], k_hw[1], hd]))
-        attn = attn.reshape([B, n, q_hw[0], q_hw[1], k_hw[0], k_hw[1]])
-        attn = attn + rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)
-        return attn.reshape([B, n, q_hw[0] * q_hw[1], k_hw[0] * k_hw[1]])
+        return rel_h.reshape([B, n, -1, k_hw[0]]), rel_w.reshape([B, n, -1, k_hw[1]])
 
-    def forward(self, x, hw):
+    @staticmethod
+    def add_rel_terms(attn, rel_h, rel_w, k_hw):
+        """attn[b, n, i, (kh, kw)] += rel_h[b, n, i, kh] + rel_w[b, n, i, kw]."""
+        B, n, Nq, Nk = attn.shape
+        attn = attn.reshape([B, n, Nq, k_hw[0], k_hw[1]]) + rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)
+        return attn.reshape([B, n, Nq, Nk])
+
+    def add_rel_pos(self, attn, q, q_hw, k_hw):
+        """attn[b, n, (qh, qw), (kh, kw)] += q . Rh[qh, kh] + q . Rw[qw, kw]."""
+        return self.add_rel_terms(attn, *self.rel_terms(q, q_hw, k_hw), k_hw)
+
+    def pooled_qkv(self, x, hw):
+        """qkv projection and pooling: q, k, v [B, heads, N', head_dim], q's grid, k's grid."""
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape([B, N, 3, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
         q, k, v = paddle.unbind(qkv, axis=0)      # unbind's backward is one stack; slices' build zeros
         q, q_hw = self._pool(q, self.pool_q, self.norm_q, hw)
         k, k_hw = self._pool(k, self.pool_k, self.norm_k, hw)
         v, _ = self._pool(v, self.pool_v, self.norm_v, hw)
-        attn = paddle.matmul(q * self.scale, k, transpose_y=True)
-        attn = F.softmax(self.add_rel_pos(attn, q, q_hw, k_hw), axis=-1)
-        x = paddle.matmul(attn, v)
+        return q, k, v, q_hw, k_hw
+
+    def attend(self, q, k, v, attn):
+        """softmax(attn) @ v (+ q, residual pooling) -> tokens [B, Nq, dim_out], before proj."""
+        x = paddle.matmul(F.softmax(attn, axis=-1), v)
         if self.residual_pooling:
             x = x + q
-        x = x.transpose([0, 2, 1, 3]).reshape([B, -1, self.dim_out])
-        return self.proj(x), q_hw
+        return x.transpose([0, 2, 1, 3]).reshape([x.shape[0], -1, self.dim_out])
+
+    def forward(self, x, hw):
+        q, k, v, q_hw, k_hw = self.pooled_qkv(x, hw)
+        attn = paddle.matmul(q * self.scale, k, transpose_y=True)
+        return self.proj(self.attend(q, k, v, self.add_rel_pos(attn, q, q_hw, k_hw))), q_hw
 
     def flops_hook(self, inputs, output):
         """Multiply-adds of q@k^T, attn@v and the two rel-pos products (linears and pool convs are

@@ -220,18 +220,21 @@ def find_mit(model):
 
 
 def find_dense_backbone(model):
-    """The MiT or Swin backbone inside `model` (the models dense ToMe patches), or None."""
+    """The MiT, Swin or MViTv2 backbone inside `model` (the models dense ToMe patches), or None."""
+    from .mvit import find_mvit
     from .swin import find_swin
-    return find_mit(model) or find_swin(model)
+    return find_mit(model) or find_swin(model) or find_mvit(model)
 
 
 def apply_dense_patch(model, backbone, ratio, trace_source, swap, merge_mlp=False):
-    """Patch the MiT or Swin `backbone` inside `model` (see the module docstrings); `swap(layer, mixins)`
-    swaps classes. merge_mlp is MiT's choice: a Swin block always merges its MLP."""
-    from .swin import apply_swin_patch
+    """Patch the MiT, Swin or MViTv2 `backbone` inside `model` (see the module docstrings); `swap(layer,
+    mixins)` swaps classes. merge_mlp is MiT's choice: Swin and MViTv2 blocks always merge their MLP."""
+    from ...models.mvitv2 import MultiScaleVit
     from ...models.swin_transformer import SwinTransformer
-    is_swin = isinstance(backbone, SwinTransformer)
-    num_stages = backbone.num_layers if is_swin else len(backbone.embed_dims)
+    from .mvit import apply_mvit_patch
+    from .swin import apply_swin_patch
+    is_swin, is_mvit = isinstance(backbone, SwinTransformer), isinstance(backbone, MultiScaleVit)
+    num_stages = backbone.num_layers if is_swin else len(backbone.stages) if is_mvit else len(backbone.embed_dims)
     ratio = DEFAULT_RATIO if ratio is None else ratio
     check_ratio(ratio, num_stages, where="tome.apply_patch(ratio=...)")
     # `backbone` sits in a plain dict: a Layer attribute would register it as a sublayer
@@ -240,6 +243,8 @@ def apply_dense_patch(model, backbone, ratio, trace_source, swap, merge_mlp=Fals
             "merge_mlp": bool(merge_mlp)}
     if is_swin:
         count = apply_swin_patch(info, backbone, swap)
+    elif is_mvit:
+        count = apply_mvit_patch(info, backbone, swap)
     else:
         count = 0
         for stage in range(num_stages):

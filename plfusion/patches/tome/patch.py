@@ -137,11 +137,11 @@ def apply_patch(model, trace_source=False, prop_attn=True, r=None, ratio=None, m
     covers); prop_attn adds log(size) to the attention logits (keep it for off-the-shelf models).
     `r` (optional) sets model.r at once, as configs do with `patches: [{name: tome, r: 16}]`.
 
-    MiT and Swin models (the backbone, or a Segmentor or Classifier holding one, with or without
-    TokenFusion/GeminiFusion): `ratio` is the fraction of tokens merged per stage (a number or one
-    per stage; default dense.DEFAULT_RATIO), later `model.ratio`; merge_mlp merges MiT's MixFFN
-    per-token layers too (Swin always merges its MLP); trace_source keeps the merge maps in
-    model._tome_info["maps"]. See plfusion/patches/tome/dense.py and swin.py.
+    MiT, Swin and MViTv2 models (the backbone, or a Segmentor or Classifier holding one, with or
+    without TokenFusion/GeminiFusion): `ratio` is the fraction of tokens merged per stage (a number
+    or one per stage; default dense.DEFAULT_RATIO), later `model.ratio`; merge_mlp merges MiT's
+    MixFFN per-token layers too (Swin and MViTv2 always merge their MLP); trace_source keeps the
+    merge maps in model._tome_info["maps"]. See plfusion/patches/tome/dense.py, swin.py and mvit.py.
     A second call on a patched model changes nothing.
     """
     blocks = [m for m in model.sublayers(include_self=True) if _supported_block(m)]
@@ -160,7 +160,7 @@ def apply_patch(model, trace_source=False, prop_attn=True, r=None, ratio=None, m
                     type(model)._tome_orig_class.__name__, model.ratio)
         return model
     if ratio is not None:
-        raise ValueError(f"tome.apply_patch: ratio is for MiT and Swin models; {type(model).__name__} takes r "
+        raise ValueError(f"tome.apply_patch: ratio is for MiT, Swin and MViTv2 models; {type(model).__name__} takes r "
                          f"(tokens merged per layer), e.g. r=16")
     if is_patched(model):
         info = getattr(model, "_tome_info", None)
