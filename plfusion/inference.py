@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from .paddle_check import require_gpu
-from .utils.cpu import available_cpus, configure_cpu
+from .utils.cpu import available_cpus, configure_cpu, restore_cpu_threads
 
 __all__ = ["Predictor", "DygraphPredictor", "load_deploy", "Preprocess", "upsample_argmax", "softmax_topk",
            "create_paddle_predictor", "run_paddle_predictor", "flatten_outputs", "program_ops", "tensorrt_available",
@@ -262,6 +262,7 @@ def run_paddle_predictor(predictor, inputs):
     for name, x in zip(names, inputs):
         predictor.get_input_handle(name).copy_from_cpu(np.ascontiguousarray(x, dtype=np.float32))
     predictor.run()
+    restore_cpu_threads()     # run() leaves the math library on one thread for the rest of the process
     return [predictor.get_output_handle(n).copy_to_cpu() for n in predictor.get_output_names()]
 
 

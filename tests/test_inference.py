@@ -214,3 +214,16 @@ def test_cpu_defaults_ask_mkl_for_avx2_kernels_only_on_amd(monkeypatch):
     assert cpu.prefer_mkl_avx2() is False and os.environ["MKL_DEBUG_CPU_TYPE"] == "4"
     with pytest.raises(ValueError, match="threads must be a positive int, got 0"):
         cpu.configure_cpu(0)
+
+
+def test_a_paddle_inference_run_gives_dygraph_its_threads_back(seg, monkeypatch):
+    # Paddle Inference's run() leaves the math library on one thread; dygraph afterwards ran ~1.8x slower
+    import glob
+
+    from plfusion.inference import create_paddle_predictor, run_paddle_predictor
+    prefix = glob.glob(os.path.join(seg["model_dir"], "*.json"))[0][:-len(".json")]
+    predictor, _ = create_paddle_predictor(prefix, threads=2)     # also the process's count (configure_cpu)
+    calls = []
+    monkeypatch.setattr(paddle.base.core, "set_num_threads", lambda n: calls.append(n))
+    run_paddle_predictor(predictor, [np.zeros([1, 3, 64, 64], np.float32) for _ in predictor.get_input_names()])
+    assert calls == [2]

@@ -91,14 +91,14 @@ def default_threads():
 
 def configure_threads(threads=None):
     """Set Paddle's intra-op CPU threads; returns the number used."""
-    import paddle
+    from ..utils.cpu import set_cpu_threads
 
     default, cores, procs = default_threads()
     if threads is None:
         threads = default
     elif threads < 1:
         raise ConfigError(f"--threads: expected a positive integer, got {threads}")
-    paddle.base.core.set_num_threads(int(threads))
+    set_cpu_threads(int(threads))
     logger.info("CPU threads per process: %d (%d usable cores, %d process(es) on this machine)", threads, cores, procs)
     return threads
 

@@ -24,7 +24,8 @@ kernels from the CPU's features and needs neither.
 import logging
 import os
 
-__all__ = ["available_cpus", "cpu_vendor", "cpu_model", "set_cpu_threads", "prefer_mkl_avx2", "configure_cpu",
+__all__ = ["available_cpus", "cpu_vendor", "cpu_model", "set_cpu_threads", "restore_cpu_threads", "prefer_mkl_avx2",
+           "configure_cpu",
            "prefer_dense_transpose", "STRIDE_FLAG"]
 
 STRIDE_FLAG = "FLAGS_use_stride_kernel"
@@ -73,6 +74,9 @@ def cpu_model():
     return _cpuinfo("model name") or platform.processor() or None
 
 
+_THREADS = [None]   # the count set_cpu_threads last set, for restore_cpu_threads
+
+
 def set_cpu_threads(n):
     """Use n intra-op CPU threads for paddle's kernels; returns n.
 
@@ -84,7 +88,16 @@ def set_cpu_threads(n):
     paddle.base.core.set_num_threads(n)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
+    _THREADS[0] = n
     return n
+
+
+def restore_cpu_threads():
+    """Put back the count of set_cpu_threads. A Paddle Inference predictor's run() leaves the process's
+    math library on one thread, which made every dygraph pass after it ~1.8x slower (ViT-B)."""
+    if _THREADS[0] is not None:
+        import paddle
+        paddle.base.core.set_num_threads(_THREADS[0])
 
 
 def prefer_mkl_avx2():
