@@ -1,5 +1,5 @@
 """ToMe for dense maps: the 2x2-cell merge map, the per-stage ratio, and the MiT (SegFormer) patch,
-bare or in a Segmentor, with TokenFusion/GeminiFusion (Swin: swin.py).
+bare or in a Segmentor, with TokenFusion/GeminiFusion (Swin: swin.py; MViTv2: mvit.py).
 
 Merging happens only around attention, as Segformer++ does, so every feature map keeps its
 shape: each block builds a merge map from the attention's input, the queries are computed on
@@ -211,48 +211,50 @@ class _DenseToMeModel:
         info["ratios"] = parse_ratio(value, info["num_stages"])
 
 
-def find_mit(model):
+def _dense_classes():
     from ...models.mix_transformer import MixVisionTransformer
-    for layer in model.sublayers(include_self=True):
-        if isinstance(layer, MixVisionTransformer):
-            return layer
-    return None
+    from ...models.mvitv2 import MultiScaleVit
+    from ...models.swin_transformer import SwinTransformer
+    return MixVisionTransformer, SwinTransformer, MultiScaleVit
 
 
 def find_dense_backbone(model):
     """The MiT, Swin or MViTv2 backbone inside `model` (the models dense ToMe patches), or None."""
-    from .mvit import find_mvit
-    from .swin import find_swin
-    return find_mit(model) or find_swin(model) or find_mvit(model)
+    classes = _dense_classes()
+    return next((m for m in model.sublayers(include_self=True) if isinstance(m, classes)), None)
+
+
+def _stages_and_mixins(backbone):
+    """(blocks of each stage, block mixin, attention mixin) for a MiT, Swin or MViTv2 backbone."""
+    from .mvit import _MViTToMeAttention, _MViTToMeBlock
+    from .swin import _SwinToMeBlock, _WindowToMeAttention
+    mit, swin, mvit = _dense_classes()
+    if isinstance(backbone, swin):
+        return [layer.blocks for layer in backbone.layers], _SwinToMeBlock, _WindowToMeAttention
+    if isinstance(backbone, mvit):
+        return [stage.blocks for stage in backbone.stages], _MViTToMeBlock, _MViTToMeAttention
+    return ([backbone.stage_layers(i)[1] for i in range(len(backbone.embed_dims))], _DenseToMeBlock,
+            _DenseToMeAttention)
 
 
 def apply_dense_patch(model, backbone, ratio, trace_source, swap, merge_mlp=False):
     """Patch the MiT, Swin or MViTv2 `backbone` inside `model` (see the module docstrings); `swap(layer,
     mixins)` swaps classes. merge_mlp is MiT's choice: Swin and MViTv2 blocks always merge their MLP."""
-    from ...models.mvitv2 import MultiScaleVit
-    from ...models.swin_transformer import SwinTransformer
-    from .mvit import apply_mvit_patch
-    from .swin import apply_swin_patch
-    is_swin, is_mvit = isinstance(backbone, SwinTransformer), isinstance(backbone, MultiScaleVit)
-    num_stages = backbone.num_layers if is_swin else len(backbone.stages) if is_mvit else len(backbone.embed_dims)
+    stages, block_mixin, attn_mixin = _stages_and_mixins(backbone)
+    num_stages = len(stages)
     ratio = DEFAULT_RATIO if ratio is None else ratio
     check_ratio(ratio, num_stages, where="tome.apply_patch(ratio=...)")
     # `backbone` sits in a plain dict: a Layer attribute would register it as a sublayer
     info = {"ratio_setting": ratio, "ratios": parse_ratio(ratio, num_stages), "num_stages": num_stages,
             "backbone": backbone, "trace_source": bool(trace_source), "maps": {}, "dense": True,
             "merge_mlp": bool(merge_mlp)}
-    if is_swin:
-        count = apply_swin_patch(info, backbone, swap)
-    elif is_mvit:
-        count = apply_mvit_patch(info, backbone, swap)
-    else:
-        count = 0
-        for stage in range(num_stages):
-            for index, blk in enumerate(backbone.stage_layers(stage)[1]):
-                swap(blk, (_DenseToMeBlock,))
-                swap(blk.attn, (_DenseToMeAttention,))
-                blk._tome_info, blk._tome_stage, blk._tome_index = info, stage, index
-                count += 1
+    count = 0
+    for stage, blocks in enumerate(stages):
+        for index, blk in enumerate(blocks):
+            swap(blk, (block_mixin,))
+            swap(blk.attn, (attn_mixin,))
+            blk._tome_info, blk._tome_stage, blk._tome_index = info, stage, index
+            count += 1
     for layer in {id(backbone): backbone, id(model): model}.values():
         swap(layer, (_DenseToMeModel,))
         layer._tome_info = info

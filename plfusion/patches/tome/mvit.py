@@ -13,7 +13,6 @@ import paddle
 
 from .dense import DenseMerge
 
-__all__ = ["find_mvit", "apply_mvit_patch"]
 
 
 def _merge_heads(merge, t):
@@ -86,23 +85,3 @@ class _MViTToMeAttention:
         B, hw, rows = inputs[0].shape[0], inputs[1], output[0].shape[1]
         k_hw = [-(-s // st) for s, st in zip(hw, self.stride_kv)]
         return B * self.num_heads * self.head_dim * (2 * rows * k_hw[0] * k_hw[1] + rows * (k_hw[0] + k_hw[1]))
-
-
-def find_mvit(model):
-    from ...models.mvitv2 import MultiScaleVit
-    for layer in model.sublayers(include_self=True):
-        if isinstance(layer, MultiScaleVit):
-            return layer
-    return None
-
-
-def apply_mvit_patch(info, backbone, swap):
-    """Swap the classes of every block of the MViTv2 `backbone`; returns the number of blocks."""
-    count = 0
-    for stage, layer in enumerate(backbone.stages):
-        for index, blk in enumerate(layer.blocks):
-            swap(blk, (_MViTToMeBlock,))
-            swap(blk.attn, (_MViTToMeAttention,))
-            blk._tome_info, blk._tome_stage, blk._tome_index = info, stage, index
-            count += 1
-    return count

@@ -19,7 +19,7 @@ import paddle.nn.functional as F
 from ...models.layers import linear
 from .dense import _grid, match_rows
 
-__all__ = ["WindowMerge", "find_swin", "apply_swin_patch"]
+__all__ = ["WindowMerge"]
 
 _LAYOUTS = {}
 
@@ -166,23 +166,3 @@ class _SwinToMeBlock:
         rows = self.post_attention(rows.reshape([x.shape[0], -1, x.shape[2]]))
         x = x + self.drop_path(merge.unmerge_tokens(rows))
         return x + self.drop_path(merge.unmerge_tokens(self.mlp(merge.merge_tokens(self.norm2(x)))))
-
-
-def find_swin(model):
-    from ...models.swin_transformer import SwinTransformer
-    for layer in model.sublayers(include_self=True):
-        if isinstance(layer, SwinTransformer):
-            return layer
-    return None
-
-
-def apply_swin_patch(info, backbone, swap):
-    """Swap the classes of every block of the Swin `backbone`; returns the number of blocks."""
-    count = 0
-    for stage, layer in enumerate(backbone.layers):
-        for index, blk in enumerate(layer.blocks):
-            swap(blk, (_SwinToMeBlock,))
-            swap(blk.attn, (_WindowToMeAttention,))
-            blk._tome_info, blk._tome_stage, blk._tome_index = info, stage, index
-            count += 1
-    return count
