@@ -107,3 +107,19 @@ def outputs_numpy(model, x):
     with paddle.no_grad():
         y = model(x)
     return [t.numpy() for t in (y if isinstance(y, (list, tuple)) else [y])]
+
+
+def tome_macs_and_maps(model, ratios, shape=(1, 3, 224, 224)):
+    """For a model dense-ToMe-patched with trace_source: GFLOPs at its current ratio and then at each of
+    `ratios`, and the merge maps ({(stage, block): (groups, H, W)}) of one pass at each ratio."""
+    import paddle
+
+    from plfusion.utils.flops import count_flops
+    macs, maps = [count_flops(model, shape)], []
+    for ratio in ratios:
+        model.ratio = ratio
+        macs.append(count_flops(model, shape))
+        with paddle.no_grad():
+            model(paddle.randn(list(shape)))
+        maps.append(dict(model._tome_info["maps"]))
+    return macs, maps

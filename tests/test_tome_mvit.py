@@ -5,12 +5,12 @@ backward pass works."""
 import numpy as np
 import paddle
 import pytest
+from conftest import tome_macs_and_maps
 
 from plfusion.models import create_model
 from plfusion.patches import tome
 from plfusion.patches.tome.dense import DenseMerge
 from plfusion.patches.tome.mvit import _merge_heads
-from plfusion.utils.flops import count_flops
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +53,14 @@ def test_a_merged_logit_row_is_the_mean_of_its_tokens_rows(mvit):
 def test_every_ratio_merges_in_every_stage_and_costs_fewer_macs(mvit):
     tome.apply_patch(mvit, ratio=0.0, trace_source=True)
     try:
-        macs = [count_flops(mvit, (1, 3, 224, 224))]
-        for ratio in (0.25, 0.5):
-            mvit.ratio = ratio
-            macs.append(count_flops(mvit, (1, 3, 224, 224)))
-            with paddle.no_grad():
-                mvit(paddle.randn([1, 3, 224, 224]))
-            maps = mvit._tome_info["maps"]
-            assert {s for s, _ in maps} == {0, 1, 2, 3}
-            for inverse, H, W in maps.values():
-                assert len(np.unique(inverse.numpy()[0])) == H * W - int(ratio * H * W)
-        assert macs[0] > macs[1] > macs[2]
+        macs, maps = tome_macs_and_maps(mvit, (0.25, 0.5))
     finally:
         tome.remove_patch(mvit)
+    for ratio, found in zip((0.25, 0.5), maps):
+        assert {s for s, _ in found} == {0, 1, 2, 3}
+        for inverse, H, W in found.values():
+            assert len(np.unique(inverse.numpy()[0])) == H * W - int(ratio * H * W)
+    assert macs[0] > macs[1] > macs[2]
 
 
 def test_backward_works_with_merging_on():

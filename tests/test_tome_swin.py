@@ -6,7 +6,7 @@ either order gives one model sharing one map, and training, FLOP counting and tr
 import numpy as np
 import paddle
 import pytest
-from conftest import outputs_numpy, segmentor_inputs
+from conftest import outputs_numpy, segmentor_inputs, tome_macs_and_maps
 
 from plfusion.models import build_model
 from plfusion.models.swin_transformer import SwinTransformer, SwinTransformerBlock, shifted_window_mask
@@ -155,15 +155,10 @@ def test_every_ratio_removes_tokens_in_every_stage_and_costs_fewer_macs():
     m = SwinTransformer(num_classes=10, **SMALL)
     tome.apply_patch(m, ratio=0.0, trace_source=True)
     m.eval()
-    macs = [count_flops(m, (1, 3, 224, 224))]
-    for ratio in (0.25, 0.5):
-        m.ratio = ratio
-        macs.append(count_flops(m, (1, 3, 224, 224)))
-        with paddle.no_grad():
-            m(paddle.randn([1, 3, 224, 224]))
-        maps = m._tome_info["maps"]
-        assert sorted(maps) == [(s, b) for s in range(4) for b in range(2)]
-        for (stage, _), (groups, H, W) in maps.items():
+    macs, maps = tome_macs_and_maps(m, (0.25, 0.5))
+    for ratio, found in zip((0.25, 0.5), maps):
+        assert sorted(found) == [(s, b) for s in range(4) for b in range(2)]
+        for groups, H, W in found.values():
             w = min(7, H)
             r = min(int(ratio * w * w), _layout(H, W, w, 0)[2])
             assert len(np.unique(groups.numpy()[0])) == (H // w) * (W // w) * (w * w - r)
