@@ -1,4 +1,4 @@
-"""Draw which pixels ToMe merged in a dense (MiT) segmentor: RGB and depth side by side, one row per ratio.
+"""Draw which pixels ToMe merged in a dense (MiT or Swin) segmentor: RGB and depth side by side, one row per ratio.
 
     python tools/visualize_tome_dense.py -c configs/quickstart/geminifusion_mit_b0_synthetic.yaml \
         --checkpoint output/quickstart_geminifusion_mit_b0 --index 0 --ratio 0 0.5 0.75 --stage 1 --out merged_rgbd.png

@@ -70,12 +70,12 @@ def paint_groups(img, groups, seed=0):
 
 
 def dense_groups(model, stage=0, block=0, sample=0):
-    """[H, W] int map of one sample's merge groups in a block of a dense (MiT) model patched with
+    """[H, W] int map of one sample's merge groups in a block of a dense (MiT, Swin or MViTv2) model patched with
     trace_source=True, after a forward pass; None when that block merged nothing."""
     info = getattr(model, "_tome_info", None)
     if info is None or not info.get("dense") or not info["trace_source"]:
         raise ValueError(f"dense_groups: patch {type(model).__name__} with tome.apply_patch(model, trace_source=True) "
-                         f"first (a MiT model)")
+                         f"first (a MiT, Swin or MViTv2 model)")
     found = info["maps"].get((stage, block))
     if found is None:
         return None
