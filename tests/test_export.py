@@ -228,3 +228,16 @@ def test_latency_percentiles_interpolate_between_batches():
     from plfusion.utils.benchmark import latency_percentiles
     got = latency_percentiles([0.4, 0.1, 0.3, 0.2])
     assert got == pytest.approx({"p50": 0.25, "p90": 0.37, "p99": 0.397})
+
+
+def test_an_exported_swin_runs_on_onednn_without_the_fc_pass_and_matches_dygraph(tmp_path):
+    # paddle's oneDNN fc pass mis-flattens Swin's window batch; the predictor retries without that one pass
+    paddle.seed(0)
+    model = create_model("swin_tiny_patch4_window7_224", num_classes=10, embed_dim=24, depths=(2, 2, 2, 2),
+                         num_heads=(2, 2, 4, 4))
+    model.eval()
+    prefix = export_model(model, str(tmp_path / "swin"), img_size=(224, 224), batch_size=2, threads=1)["prefix"]
+    predictor, settings = create_paddle_predictor(prefix, threads=1)
+    assert settings["onednn"] is True and settings["onednn_fc"] is False
+    x = np.random.default_rng(3).standard_normal([2, 3, 224, 224]).astype(np.float32)
+    np.testing.assert_allclose(run_paddle_predictor(predictor, [x])[0], _dygraph(model, [x])[0], rtol=1e-4, atol=1e-4)
