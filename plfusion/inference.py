@@ -51,6 +51,8 @@ ENGINES = ("paddle", "onnxruntime")
 #   the placement pass; the fused oneDNN kernels (fc, matmul, conv) still run.
 ONEDNN_UNSAFE_PASSES = ("inplace_pass",)
 ONEDNN_FC_PASS = "fc_onednn_enable_pass"
+# ToMe's merge ops: a ToMe-merged Swin built without the fc pass then fails inside run(); plain kernels run it
+ONEDNN_FC_RETRY_BLOCKERS = ("index_add", "put_along_axis", "one_hot")
 ONEDNN_UNPLACEABLE_OPS = ("bilinear_interp",)
 
 
@@ -246,7 +248,7 @@ def create_paddle_predictor(prefix, device="cpu", threads=None, onednn=True, ten
                            type(e).__name__, e)
             return create_paddle_predictor(prefix, device, threads, onednn, False, precision, gpu_id,
                                            gpu_memory_mb, max_batch_size, input_shapes)
-        if settings.get("onednn") and onednn_fc:
+        if settings.get("onednn") and onednn_fc and not program_ops(model_file) & set(ONEDNN_FC_RETRY_BLOCKERS):
             # Swin's window batch trips the fc pass (it flattens [windows, N, C] wrongly); without that one
             # pass the rest of the graph still runs on oneDNN (Swin-T: 1.8x faster than plain kernels)
             logger.info("Predictor: the oneDNN fc pass failed on %s (%s); retrying without it", model_file,
