@@ -83,7 +83,7 @@ def test_modalities_share_one_map_and_every_window_merges_the_same_count():
     avg = merge.average.numpy()                       # [windows, rows, tokens]: every row is used
     assert (avg.sum(-1) > 0.999).all() and ((avg > 0).sum(1) == 1).all()
     const = paddle.ones([2 * B, hw[0] * hw[1], 16]) * paddle.arange(16, dtype="float32")
-    back = merge.unmerge_tokens(merge.merge_tokens(const))
+    back = merge.unmerge(merge.merge(const))
     np.testing.assert_allclose(back.numpy(), const.numpy(), rtol=1e-6)
 
 

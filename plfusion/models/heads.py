@@ -3,7 +3,7 @@ import paddle
 import paddle.nn as nn
 
 from ..registry import HEADS, PositiveInt, PositiveInts, Rate
-from .layers import Linear, _resize_matrix, resize_bilinear, trunc_normal_, zeros_
+from .layers import Linear, resize_bilinear, resize_matrices, trunc_normal_, zeros_
 
 __all__ = ["LinearClsHead", "SegFormerHead"]
 
@@ -139,8 +139,7 @@ class SegFormerHead(nn.Layer):
                 out = paddle.baddbmm(bias if out is None else out, weight.unsqueeze(0).expand([B, dim, C]), x)
                 continue
             y = paddle.matmul(weight, x).reshape([B, dim, h, w])
-            rows = paddle.to_tensor(_resize_matrix(h, H, self.align_corners), dtype=y.dtype)
-            cols = paddle.to_tensor(_resize_matrix(w, W, self.align_corners), dtype=y.dtype)
+            rows, cols = resize_matrices((h, w), (H, W), self.align_corners, y.dtype)
             t = paddle.matmul(rows, y).reshape([B * dim * H, w])
             out = paddle.addmm(out.reshape([B * dim * H, W]), t, cols.t())
         return out.reshape([B, dim, H, W])

@@ -6,7 +6,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-__all__ = ["linear", "add_channel_bias", "cached_ones", "Linear", "qkv_scaled_q", "resize_bilinear", "DropPath", "Mlp", "PatchEmbed", "Attention", "Block", "LayerNorm", "trunc_normal_", "zeros_", "ones_",
+__all__ = ["linear", "add_channel_bias", "cached_ones", "Linear", "qkv_scaled_q", "resize_bilinear", "resize_matrices", "DropPath", "Mlp", "PatchEmbed", "Attention", "Block", "LayerNorm", "trunc_normal_", "zeros_", "ones_",
            "init_transformer_weights", "to_2tuple", "check_input", "drop_path_rates", "stage_indices"]
 
 trunc_normal_ = nn.initializer.TruncatedNormal(std=0.02)
@@ -41,7 +41,7 @@ def linear(x, weight, bias=None):
         return F.linear(x, weight, bias)
     x2 = x.reshape([-1, x.shape[-1]])
     if paddle.is_grad_enabled() and not (x.stop_gradient and weight.stop_gradient and bias.stop_gradient):
-        y = paddle.addmm(paddle.matmul(x2, weight), cached_ones([x2.shape[0], 1], x.dtype), bias.unsqueeze(0))
+        y = add_channel_bias(paddle.matmul(x2, weight), bias)
     else:
         y = paddle.addmm(bias.unsqueeze(0), x2, weight)
     return y if len(lead) == 1 else y.reshape([*lead, y.shape[-1]])
@@ -93,9 +93,14 @@ def resize_bilinear(x, size, align_corners=False):
     H, W = int(size[0]), int(size[1])
     if (h, w) == (H, W):
         return x
-    rows = paddle.to_tensor(_resize_matrix(h, H, align_corners), dtype=x.dtype)
-    cols = paddle.to_tensor(_resize_matrix(w, W, align_corners), dtype=x.dtype)
+    rows, cols = resize_matrices((h, w), (H, W), align_corners, x.dtype)
     return paddle.matmul(paddle.matmul(rows, x), cols, transpose_y=True)
+
+
+def resize_matrices(in_hw, out_hw, align_corners, dtype):
+    """(rows [H, h], cols [W, w]): bilinear resizing of an h x w map to H x W is rows @ x @ cols^T."""
+    return tuple(paddle.to_tensor(_resize_matrix(int(n), int(m), align_corners), dtype=dtype)
+                 for n, m in zip(in_hw, out_hw))
 
 
 def qkv_scaled_q(x, layer, scale):

@@ -78,7 +78,12 @@ class DWConv(nn.Layer):
 
     def flops_hook(self, inputs, output):
         """The conv's multiply-adds (its layer is not called, so count_flops's conv hook does not see it)."""
-        return int(np.prod(output.shape)) * 9
+        return int(np.prod(output.shape)) * _taps(self.dwconv)
+
+
+def _taps(conv):
+    """Multiply-adds per output element of a depthwise conv (its kernel size)."""
+    return int(np.prod(conv.weight.shape[1:]))
 
 
 def _channels_first_ok(x, mlp):
@@ -99,8 +104,7 @@ class MixFFN(nn.Layer):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x, H, W):
-        self._channels_first = _channels_first_ok(x, self)
-        if self._channels_first:
+        if _channels_first_ok(x, self):
             return self._forward_channels_first(x, H, W)
         x = self.drop(self.act(self.dwconv(self.fc1(x), H, W)))
         return self.drop(self.fc2(x))
@@ -124,11 +128,11 @@ class MixFFN(nn.Layer):
 
     def flops_hook(self, inputs, output):
         """fc1, the depthwise conv and fc2 when the channels-first path ran (its layers were not called)."""
-        if not getattr(self, "_channels_first", False):
+        if not _channels_first_ok(inputs[0], self):
             return 0
         B, N, C = inputs[0].shape
         D = self.fc1.weight.shape[1]
-        return B * N * (2 * C * D + 9 * D)
+        return B * N * D * (2 * C + _taps(self.dwconv.dwconv))
 
 
 class EfficientAttention(nn.Layer):

@@ -157,12 +157,12 @@ class MultiScaleAttention(nn.Layer):
 
     def flops_hook(self, inputs, output):
         """Multiply-adds of q@k^T, attn@v and the two rel-pos products (linears and pool convs are
-        counted by utils.flops)."""
+        counted by utils.flops). The query count is the output's token count: ToMe's merged rows count
+        as such."""
         B = inputs[0].shape[0]
         hw = inputs[1]
-        q_hw = output[1]
         k_hw = [-(-s // st) for s, st in zip(hw, self.stride_kv)]   # conv k3 p1: ceil(size / stride)
-        nq, nk = q_hw[0] * q_hw[1], k_hw[0] * k_hw[1]
+        nq, nk = output[0].shape[1], k_hw[0] * k_hw[1]
         d = self.num_heads * self.head_dim
         return B * d * (2 * nq * nk + nq * (k_hw[0] + k_hw[1]))
 

@@ -24,7 +24,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-__all__ = ["DenseMerge", "match_rows", "check_ratio", "parse_ratio", "parse_ratio_text", "MAX_RATIO", "DEFAULT_RATIO"]
+__all__ = ["DenseMerge", "RowMerge", "match_rows", "check_ratio", "parse_ratio", "parse_ratio_text", "MAX_RATIO", "DEFAULT_RATIO"]
 
 CELL = 2                       # destinations: one per CELL x CELL block of the grid
 MAX_RATIO = 1.0 - 1.0 / (CELL * CELL)
@@ -116,27 +116,38 @@ def match_rows(metric, H, W, r, num_modalities=1, penalty=None):
     return inverse, N - r
 
 
-class DenseMerge:
-    """A merge map for tokens [M*B, H*W, C]: `merge` (mean into rows) and `unmerge` (copy back)."""
+class RowMerge:
+    """Tokens [items, tokens_per_item, C] and the rows they merge into, by a flat token -> row index
+    (`flat`, over all items): `merge` (mean into rows) and `unmerge` (every token takes its row)."""
+
+    def __init__(self, flat, num_items, rows_per_item, tokens_per_item):
+        self._flat = flat
+        self.rows_per_item, self.num_tokens = rows_per_item, tokens_per_item
+        ones = paddle.ones([flat.shape[0], 1], "float32")
+        count = paddle.index_add(paddle.zeros([num_items * rows_per_item, 1], "float32"), flat, 0, ones)
+        self._count = paddle.clip(count, min=1.0)     # a row no token maps to (Swin's padding-only rows)
+
+    def merge(self, x):
+        """[items, tokens, C] -> [items, rows, C]: each row the mean of the tokens merged into it."""
+        MB, N, C = x.shape
+        total = paddle.index_add(paddle.zeros([MB * self.rows_per_item, C], x.dtype), self._flat, 0,
+                                 x.reshape([MB * N, C]))
+        return (total / self._count.astype(x.dtype)).reshape([MB, self.rows_per_item, C])
+
+    def unmerge(self, y):
+        """[items, rows, C] -> [items, tokens, C]: every token takes its row's value."""
+        MB, _, C = y.shape
+        return paddle.gather(y.reshape([MB * self.rows_per_item, C]), self._flat).reshape([MB, self.num_tokens, C])
+
+
+class DenseMerge(RowMerge):
+    """A merge map for tokens [M*B, H*W, C] on an H x W grid: N - r rows per item (`num_rows`)."""
 
     def __init__(self, metric, H, W, r, num_modalities=1):
         MB, N, _ = metric.shape
         self.inverse, self.num_rows = match_rows(metric, H, W, r, num_modalities)
-        self.num_tokens = N
-        self._flat = (self.inverse + paddle.arange(MB, dtype="int64").unsqueeze(1) * self.num_rows).reshape([-1])
-        ones = paddle.ones([MB * N, 1], "float32")
-        self._count = paddle.index_add(paddle.zeros([MB * self.num_rows, 1], "float32"), self._flat, 0, ones)
-
-    def merge(self, x):
-        """[M*B, N, C] -> [M*B, N - r, C]: each row the mean of the tokens merged into it."""
-        MB, N, C = x.shape
-        total = paddle.index_add(paddle.zeros([MB * self.num_rows, C], x.dtype), self._flat, 0, x.reshape([MB * N, C]))
-        return (total / self._count.astype(x.dtype)).reshape([MB, self.num_rows, C])
-
-    def unmerge(self, y):
-        """[M*B, N - r, C] -> [M*B, N, C]: every token takes its row's value."""
-        MB, _, C = y.shape
-        return paddle.gather(y.reshape([MB * self.num_rows, C]), self._flat).reshape([MB, self.num_tokens, C])
+        flat = (self.inverse + paddle.arange(MB, dtype="int64").unsqueeze(1) * self.num_rows).reshape([-1])
+        super().__init__(flat, MB, self.num_rows, N)
 
 
 # ------------------------------------------------------------------ the patch

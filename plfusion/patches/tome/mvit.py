@@ -14,7 +14,6 @@ import paddle
 from .dense import DenseMerge
 
 
-
 def _merge_heads(merge, t):
     """[B, heads, N, X] -> [B, heads, R, X], rows merged alike in every head."""
     B, n, N, X = t.shape
@@ -77,11 +76,3 @@ class _MViTToMeAttention:
                                     _merge_heads(merge, rel_w), k_hw)
         self._tome_merge = merge
         return self.proj(self.attend(q, k, v, logits)), q_hw
-
-    def flops_hook(self, inputs, output):
-        """As MultiScaleAttention's, over the merged query rows."""
-        if not getattr(self, "_tome_r", None):
-            return self._tome_orig_class.flops_hook(self, inputs, output)
-        B, hw, rows = inputs[0].shape[0], inputs[1], output[0].shape[1]
-        k_hw = [-(-s // st) for s, st in zip(hw, self.stride_kv)]
-        return B * self.num_heads * self.head_dim * (2 * rows * k_hw[0] * k_hw[1] + rows * (k_hw[0] + k_hw[1]))

@@ -17,7 +17,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ...models.layers import linear
-from .dense import _grid, match_rows
+from .dense import RowMerge, _grid, match_rows
 
 __all__ = ["WindowMerge"]
 
@@ -54,8 +54,10 @@ def _layout(H, W, w, s):
     return _LAYOUTS[key]
 
 
-class WindowMerge:
-    """A merge map for windows [M*B*nW, N, C]: as matrices in the window batch, as indices over the map."""
+class WindowMerge(RowMerge):
+    """A merge map for windows [M*B*nW, N, C]: R rows per window (`num_rows`), as matrices in the window
+    batch (`merge_windows`), and over the map [M*B, H*W, C] (RowMerge's `merge` / `unmerge`, nW*R rows
+    per item)."""
 
     def __init__(self, windows, hw, window, shift, r, num_modalities=1):
         perm, penalty, _ = _layout(hw[0], hw[1], window, shift)
@@ -67,33 +69,15 @@ class WindowMerge:
         self.num_rows = R
         unmerge = F.one_hot(inverse, R).astype(windows.dtype)                         # [BW, N, R]
         self.average = (unmerge / unmerge.sum(axis=1, keepdim=True)).transpose([0, 2, 1])  # [BW, R, N]
-        self.windows_per_item = nW
         rows = (inverse + paddle.arange(BW, dtype="int64").unsqueeze(1) * R).reshape([-1, nW * N])
         self.token_rows = paddle.index_select(rows, paddle.to_tensor(perm), axis=1)   # [M*B, H*W]
-        self.group = self.token_rows      # one id per merge group (vis)
-        flat = self.token_rows.reshape([-1])
-        ones = paddle.ones([flat.shape[0], 1], "float32")
-        count = paddle.index_add(paddle.zeros([BW * R, 1], "float32"), flat, 0, ones)
-        self._count = paddle.clip(count, min=1.0)     # rows of padding only: no token
-        self._flat = flat
+        super().__init__(self.token_rows.reshape([-1]), BW // nW, nW * R, hw[0] * hw[1])
 
     def merge_windows(self, x):
         """[BW, N, ...] -> [BW, R, ...] means, by a batched matmul."""
         shape = x.shape
         y = paddle.bmm(self.average, x.reshape([shape[0], shape[1], -1]))
         return y.reshape([shape[0], self.num_rows] + list(shape[2:]))
-
-    def merge_tokens(self, x):
-        """[M*B, H*W, C] map -> [M*B, nW*R, C] rows (the mean of each row's tokens)."""
-        MB, L, C = x.shape
-        total = paddle.index_add(paddle.zeros([self._count.shape[0], C], x.dtype), self._flat, 0,
-                                 x.reshape([MB * L, C]))
-        return (total / self._count.astype(x.dtype)).reshape([MB, -1, C])
-
-    def unmerge_tokens(self, rows):
-        """[M*B, nW*R, C] rows -> [M*B, H*W, C]: every token takes its row's value."""
-        MB, _, C = rows.shape
-        return paddle.gather(rows.reshape([-1, C]), self._flat).reshape([MB, -1, C])
 
 
 class _WindowToMeAttention:
@@ -157,12 +141,12 @@ class _SwinToMeBlock:
         windows = self.windows(x, hw)
         merge = WindowMerge(windows, hw, w, s, r, M)
         if info["trace_source"]:
-            info["maps"][(self._tome_stage, self._tome_index)] = (merge.group[:x.shape[0] // M], hw[0], hw[1])
+            info["maps"][(self._tome_stage, self._tome_index)] = (merge.token_rows[:x.shape[0] // M], hw[0], hw[1])
         self.attn._tome_merge = merge
         try:
             rows = self.attn(windows, mask if s else None)
         finally:
             self.attn._tome_merge = None
         rows = self.post_attention(rows.reshape([x.shape[0], -1, x.shape[2]]))
-        x = x + self.drop_path(merge.unmerge_tokens(rows))
-        return x + self.drop_path(merge.unmerge_tokens(self.mlp(merge.merge_tokens(self.norm2(x)))))
+        x = x + self.drop_path(merge.unmerge(rows))
+        return x + self.drop_path(merge.unmerge(self.mlp(merge.merge(self.norm2(x)))))
