@@ -23,7 +23,7 @@ import paddle
 
 from . import __version__
 from .paddle_check import gpu_status, installed_paddle_dists, install_command, wheel_index
-from .utils.cpu import STRIDE_FLAG, available_cpus, cpu_model, cpu_vendor
+from .utils.cpu import available_cpus, cpu_model, cpu_vendor, stride_kernels_on
 
 __all__ = ["collect", "format_text", "self_check", "nvidia_driver", "main"]
 
@@ -142,13 +142,8 @@ def _cpu():
     threads, cores, procs = default_threads()
     return {"model": cpu_model(), "vendor": cpu_vendor(), "usable_cores": available_cpus(),
             "logical_cpus": os.cpu_count(), "default_threads": threads, "processes_here": procs,
-            "stride_kernels": bool(paddle_flag(STRIDE_FLAG)),
+            "stride_kernels": stride_kernels_on(),
             **{var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_DEBUG_CPU_TYPE")}}
-
-
-def paddle_flag(name):
-    import paddle
-    return paddle.get_flags([name])[name]
 
 
 # ----------------------------------------------------------------------------- self-check

@@ -903,7 +903,6 @@ class Trainer:
         <output_dir>/eval_results.json (rank 0)."""
         from ..patches import tome
         from ..patches.tome.dense import find_dense_backbone
-        from ..utils.flops import count_flops
         if not ratios:
             raise ValueError("evaluate_tome_dense: no ratios given")
         if self.val_loader is None:
@@ -922,16 +921,7 @@ class Trainer:
                 raise ConfigError(f"--tome-ratio: {e}") from None
         x0 = self.val_loader.dataset[0][0]
         shapes = [[1] + list(a.shape) for a in x0] if isinstance(x0, (list, tuple)) else [1] + list(x0.shape)
-        settings, gflops = {}, {}
-        for ratio in ratios:
-            label = str(ratio)
-            settings[label] = lambda m, ratio=ratio: setattr(m, "ratio", ratio)
-            net.ratio = ratio
-            gflops[label] = count_flops(net, shapes)
-        results = self.evaluator.compare(net, self.val_loader, settings, desc="eval ToMe")
-        base = results[str(ratios[0])]["ips"]
-        rows = [dict(res, ratio=label, gflops=gflops[label], speedup=res["ips"] / base if base else None)
-                for label, res in results.items()]
+        rows = self._compare_settings(net, "ratio", ratios, str, shapes)
         for row in rows:
             row.pop("per_class_iou", None)
         key = "miou" if "miou" in rows[0] else "top1"
@@ -939,6 +929,22 @@ class Trainer:
             f"ratio={row['ratio']} {key} {row[key]:.2f} images/s {row['ips']:.2f}" for row in rows))
         self._write_eval_results({"weights": source, "input_shapes": shapes, "tome": rows})
         return rows
+
+    def _compare_settings(self, net, attr, values, label_of, shapes):
+        """Every value of `net.<attr>` (a ToMe r or merge ratio) in one pass over the val data
+        (Evaluator.compare): one row per value with its metrics, images/s, `attr` (its label), GFLOPs
+        at `shapes` and the speed-up over the first value."""
+        from ..utils.flops import count_flops
+        settings, gflops = {}, {}
+        for value in values:
+            label = label_of(value)
+            settings[label] = lambda m, value=value: setattr(m, attr, value)
+            setattr(net, attr, value)
+            gflops[label] = count_flops(net, shapes)
+        results = self.evaluator.compare(net, self.val_loader, settings, desc="eval ToMe")
+        base = results[label_of(values[0])]["ips"]
+        return [dict(res, **{attr: label}, gflops=gflops[label], speedup=res["ips"] / base if base else None)
+                for label, res in results.items()]
 
     def evaluate_tome(self, r_values, resume=None, pretrained=None, use_ema=False):
         """Evaluate the weights at each ToMe r of `r_values` in one pass over the val data.
@@ -948,7 +954,6 @@ class Trainer:
         the speed-up over the first r, and GFLOPs per image (plfusion.utils.flops), and writes
         them to <output_dir>/eval_results.json (rank 0)."""
         from ..patches import tome
-        from ..utils.flops import count_flops
         if not r_values:
             raise ValueError("evaluate_tome: r_values is empty")
         if self.val_loader is None:
@@ -964,17 +969,7 @@ class Trainer:
             raise ConfigError("--tome-r: the ToMe table is for single-image classification; the val dataset "
                               f"gives {type(x0).__name__} inputs")
         shape = [1] + [int(v) for v in x0.shape]
-        settings, gflops = {}, {}
-        for r in r_values:
-            label = _r_label(r)
-            settings[label] = lambda m, r=r: setattr(m, "r", r)
-            net.r = r
-            gflops[label] = count_flops(net, tuple(shape))
-        results = self.evaluator.compare(net, self.val_loader, settings, desc="eval ToMe")
-        base = results[_r_label(r_values[0])]["ips"]
-        rows = []
-        for label, res in results.items():
-            rows.append(dict(res, r=label, gflops=gflops[label], speedup=res["ips"] / base if base else None))
+        rows = self._compare_settings(net, "r", r_values, _r_label, tuple(shape))
         logger.info("ToMe evaluation of %s: %s", source, "; ".join(
             f"r={row['r']} top1 {row['top1']:.2f} images/s {row['ips']:.1f}" for row in rows))
         self._write_eval_results({"weights": source, "input_shape": shape, "tome": rows})

@@ -26,7 +26,7 @@ import os
 
 __all__ = ["available_cpus", "cpu_vendor", "cpu_model", "set_cpu_threads", "restore_cpu_threads", "prefer_mkl_avx2",
            "configure_cpu",
-           "prefer_dense_transpose", "STRIDE_FLAG"]
+           "prefer_dense_transpose", "stride_kernels_on", "STRIDE_FLAG"]
 
 STRIDE_FLAG = "FLAGS_use_stride_kernel"
 
@@ -41,6 +41,12 @@ def prefer_dense_transpose():
     import paddle
     if STRIDE_FLAG not in os.environ:
         paddle.set_flags({STRIDE_FLAG: False})
+    return stride_kernels_on()
+
+
+def stride_kernels_on():
+    """Whether Paddle's stride kernels (view transposes and slices) are on in this process."""
+    import paddle
     return bool(paddle.get_flags([STRIDE_FLAG])[STRIDE_FLAG])
 
 
