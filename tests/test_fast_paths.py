@@ -69,6 +69,25 @@ def test_segformer_head_counts_the_papers_multiply_adds():
     assert gmacs == pytest.approx(expected / 1e9, rel=1e-9)
 
 
+@pytest.mark.parametrize("band_floats", [1, 3000, 1 << 20])
+def test_segformer_head_in_bands_of_rows_equals_the_whole_map(monkeypatch, band_floats):
+    """Eval runs the fused map, ReLU and linear_pred one band of rows at a time (1 row, bands that do
+    not divide the height, one band): the logits of the whole-map path, and the same multiply-adds."""
+    import plfusion.models.heads as heads
+    paddle.seed(5)
+    head = SegFormerHead([8, 16, 24, 32], num_classes=5, embed_dim=16)
+    bn = head.linear_fuse.bn
+    bn._mean.set_value(paddle.randn([16]) * 0.1)
+    bn._variance.set_value(paddle.rand([16]) + 0.5)
+    head.eval()
+    feats = [paddle.randn([2, c, h, w]) for c, (h, w) in zip([8, 16, 24, 32], [(13, 17), (7, 9), (4, 5), (2, 3)])]
+    monkeypatch.setattr(heads, "BAND_FLOATS", band_floats)
+    got, macs = head(feats).numpy(), count_flops(head, [list(f.shape) for f in feats])
+    monkeypatch.setattr(SegFormerHead, "_by_bands", lambda self, feats: False)
+    np.testing.assert_allclose(got, head(feats).numpy(), rtol=1e-5, atol=1e-5)
+    assert macs == count_flops(head, [list(f.shape) for f in feats])
+
+
 def test_attention_with_the_scale_on_q_weights_equals_the_textbook_formula():
     paddle.seed(2)
     attn = Attention(24, num_heads=3, qkv_bias=True)

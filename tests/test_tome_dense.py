@@ -135,6 +135,31 @@ def test_every_ratio_removes_the_tokens_it_says_and_costs_fewer_macs():
     assert macs == sorted(macs, reverse=True) and macs[-1] < 0.9 * macs[0]
 
 
+def test_merged_keys_weigh_as_the_tokens_they_hold():
+    """MiT's keys/values merge on their own (reduced) grid, and a merged key's logits get log(its size):
+    tokens equal inside each 2x2 cell then give exactly the unmerged attention, on an odd grid whose
+    cells hold 4, 2 and 1 tokens. Without the weighting the same merge is not exact."""
+    seg = _seg(None, ratio=MAX_RATIO)
+    blk = seg.backbone.block4[0]             # sr_ratio 1: keys/values on the query grid
+    H, W = 5, 7
+    C = blk.norm1.weight.shape[0]
+    paddle.seed(4)
+    cells = paddle.randn([1, C, 3, 4])
+    x = paddle.nn.functional.interpolate(cells, scale_factor=2, mode="nearest")[:, :, :H, :W]
+    x = x.flatten(2).transpose([0, 2, 1])
+    want = type(blk)._tome_orig_class.attn_branch(blk, x, H, W).numpy()
+    kv_tokens = []
+    hook = blk.attn.kv.register_forward_post_hook(lambda layer, inputs, out: kv_tokens.append(inputs[0].shape[1]))
+    np.testing.assert_allclose(blk.attn_branch(x, H, W).numpy(), want, rtol=1e-5, atol=1e-5)
+    assert kv_tokens[-1] == 3 * 4 < H * W              # one key per cell
+    seg._tome_info["prop_attn"] = False
+    assert not np.allclose(blk.attn_branch(x, H, W).numpy(), want, rtol=1e-3, atol=1e-3)
+    seg._tome_info["prop_attn"], seg._tome_info["merge_kv"] = True, False
+    np.testing.assert_allclose(blk.attn_branch(x, H, W).numpy(), want, rtol=1e-5, atol=1e-5)
+    assert kv_tokens[-1] == H * W                       # merge_kv=False: every key stays
+    hook.remove()
+
+
 def test_backward_and_a_traced_program_work_with_merging_on():
     seg = _seg("gemini", ratio=0.5)
     x = _inputs("gemini")

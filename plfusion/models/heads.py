@@ -5,6 +5,8 @@ import paddle.nn as nn
 from ..registry import HEADS, PositiveInt, PositiveInts, Rate
 from .layers import Linear, resize_bilinear, resize_matrices, trunc_normal_, zeros_
 
+BAND_FLOATS = 1 << 20   # floats of the fused map per band in eval: 4 MB, within the last-level cache
+
 __all__ = ["LinearClsHead", "SegFormerHead"]
 
 
@@ -115,9 +117,48 @@ class SegFormerHead(nn.Layer):
             bias = b if bias is None else bias + b
         if not self.training:
             bias = bias + bn.bias - bn._mean * scale
+        if self._by_bands(feats):
+            return self._logits_by_bands(feats, weights, bias.reshape([1, dim, 1]))
         x = self._fused_maps(feats, weights, bias.reshape([1, dim, 1]))
         x = self.linear_fuse.act(x if not self.training else self.linear_fuse.bn(x))
         return self.linear_pred(self.dropout(x))
+
+    def _by_bands(self, feats):
+        return not self.training and paddle.in_dynamic_mode() and -1 not in feats[0].shape
+
+    def _logits_by_bands(self, feats, weights, bias):
+        """Eval in dygraph: the fused map, ReLU and linear_pred one band of output rows at a time, so the
+        embed_dim-wide map (the largest tensor of a SegFormer at 480x640) stays in the CPU cache instead of
+        making ~10 trips through memory. Same arithmetic per pixel as _fused_maps."""
+        B, _, H, W = feats[0].shape
+        dim = weights[0].shape[0]
+        maps = []      # (x [B, C, H*W], weight) at the output size, else (projected y, rows, cols^T)
+        for x, weight in zip(feats, weights):
+            _, C, h, w = x.shape
+            x = x.reshape([B, C, h * w])
+            if (h, w) == (H, W):
+                maps.append((x, weight.unsqueeze(0).expand([B, dim, C]), None))
+            else:
+                rows, cols = resize_matrices((h, w), (H, W), self.align_corners, x.dtype)
+                maps.append((paddle.matmul(weight, x).reshape([B, dim, h, w]), rows, cols.t()))
+        pred = self.linear_pred.weight.reshape([self.num_classes, dim]).unsqueeze(0).expand([B, self.num_classes, dim])
+        pred_bias = self.linear_pred.bias.reshape([1, self.num_classes, 1])
+        band = max(1, BAND_FLOATS // (B * dim * W))
+        out = []
+        for r0 in range(0, H, band):
+            r1 = min(H, r0 + band)
+            acc = None
+            for x, a, cols in maps:
+                if cols is None:
+                    acc = paddle.baddbmm(bias if acc is None else acc, a, x[:, :, r0 * W:r1 * W])
+                    continue
+                t = paddle.matmul(a[r0:r1], x).reshape([-1, x.shape[3]])          # [B*dim*band, w]
+                if acc is None:
+                    acc = (paddle.matmul(t, cols).reshape([B, dim, (r1 - r0) * W]) + bias)
+                else:
+                    acc = paddle.addmm(acc.reshape([-1, W]), t, cols).reshape([B, dim, (r1 - r0) * W])
+            out.append(paddle.baddbmm(pred_bias, pred, self.linear_fuse.act(acc)))   # linear_pred
+        return paddle.concat(out, axis=-1).reshape([B, self.num_classes, H, W])
 
     def _fused_maps(self, feats, weights, bias):
         """sum_i resize(weights[i] @ feats[i]) + bias at the first map's size, [B, dim, H, W].
@@ -146,9 +187,11 @@ class SegFormerHead(nn.Layer):
 
     def flops_hook(self, inputs, output):
         """Multiply-adds of SegFormer's formulation (per-map Linear, then the 1x1 fuse conv at stride 4),
-        the figure papers quote; the composed form above runs fewer. linear_pred counts itself."""
+        the figure papers quote; the composed form above runs fewer. linear_pred counts itself, unless
+        the banded path ran it inside."""
         feats = inputs[0]
         B, _, h1, w1 = feats[0].shape
         dim = self.embed_dim
         per_map = sum(int(f.shape[2]) * int(f.shape[3]) * c * dim for f, c in zip(feats, self.in_channels))
-        return B * (per_map + h1 * w1 * len(feats) * dim * dim)
+        pred = h1 * w1 * dim * self.num_classes if self._by_bands(feats) else 0
+        return B * (per_map + h1 * w1 * len(feats) * dim * dim + pred)

@@ -141,8 +141,9 @@ class EfficientAttention(nn.Layer):
     forward(x, H, W) = project(attend(query(x), *key_value(x, H, W))), with the pieces:
       query(x)            -> q [B, heads, N, d]
       reduce(x, H, W)     -> the tokens k/v are computed from: sr conv + `norm`, or x when sr_ratio == 1
-      key_value(x, H, W)  -> k, v [B, heads, N / sr_ratio^2, d]
-      attend(q, k, v)     -> softmax(q k^T) v (q carries the scale) with heads merged: [B, N, C], BEFORE `proj`
+      key_value(x, H, W)  -> k, v [B, heads, N / sr_ratio^2, d]: kv_heads(reduce(x, H, W))
+      attend(q, k, v)     -> softmax(q k^T) v (q carries the scale) with heads merged: [B, N, C], BEFORE `proj`;
+                             merge_heads(probs(q, k) @ v)
       project(x)          -> proj + dropout
     A fusion subclass overrides forward to mix modalities between `attend` and `project`.
     """
@@ -178,16 +179,26 @@ class EfficientAttention(nn.Layer):
         return self.norm(x.flatten(2).transpose([0, 2, 1]))
 
     def key_value(self, x, H, W):
-        x = self.reduce(x, H, W)
+        return self.kv_heads(self.reduce(x, H, W))
+
+    def kv_heads(self, x):
+        """k, v [B, heads, M, d] of the (reduced) tokens x [B, M, C]."""
         B, M, _ = x.shape
         kv = self.kv(x).reshape([B, M, 2, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
         return paddle.unbind(kv, axis=0)
 
-    def attend(self, q, k, v):
-        attn = self.attn_drop(F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1))
-        x = paddle.matmul(attn, v)
+    def probs(self, q, k):
+        """Attention weights [B, heads, N, M] (after attention dropout)."""
+        return self.attn_drop(F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1))
+
+    @staticmethod
+    def merge_heads(x):
+        """[B, heads, N, d] -> [B, N, heads * d]."""
         B, _, N, _ = x.shape
-        return x.transpose([0, 2, 1, 3]).reshape([B, N, self.dim])
+        return x.transpose([0, 2, 1, 3]).reshape([B, N, -1])
+
+    def attend(self, q, k, v):
+        return self.merge_heads(paddle.matmul(self.probs(q, k), v))
 
     def project(self, x):
         return self.proj_drop(self.proj(x))
@@ -197,11 +208,16 @@ class EfficientAttention(nn.Layer):
         k, v = self.key_value(x, H, W)
         return self.project(self.attend(q, k, v))
 
+    def kv_grid(self, H, W):
+        """The key/value tokens' grid (h, w) for an H x W query grid."""
+        if self.sr_ratio == 1:
+            return H, W
+        return (H - self.sr_ratio) // self.sr_ratio + 1, (W - self.sr_ratio) // self.sr_ratio + 1
+
     def kv_len(self, H, W):
         """Number of key/value tokens for an H x W query grid."""
-        if self.sr_ratio == 1:
-            return H * W
-        return ((H - self.sr_ratio) // self.sr_ratio + 1) * ((W - self.sr_ratio) // self.sr_ratio + 1)
+        h, w = self.kv_grid(H, W)
+        return h * w
 
     def flops_hook(self, inputs, output):
         """q k^T and attn v: N queries against the reduced key/value tokens."""

@@ -4,8 +4,9 @@ bare or in a Segmentor, with TokenFusion/GeminiFusion (Swin: swin.py; MViTv2: mv
 Merging happens only around attention, as Segformer++ does, so every feature map keeps its
 shape: each block builds a merge map from the attention's input, the queries are computed on
 the merged tokens, attention (and GeminiFusion's pixel-wise fusion) runs on them, and after
-`proj` every token gets back the row it was merged into. Keys/values come from the unmerged
-map. With `merge_mlp` the MixFFN's fc1, GELU and fc2 run on the merged tokens too, unmerged
+`proj` every token gets back the row it was merged into. With `merge_kv` (default) the reduced
+key/value grid merges at the same ratio with its own map, and proportional attention weighs each
+merged key by the tokens it holds. With `merge_mlp` the MixFFN's fc1, GELU and fc2 run on the merged tokens too, unmerged
 around its depthwise conv; off by default: on the CPU the extra 4C-wide merges cost about what
 they save, and quality drops more.
 
@@ -127,6 +128,11 @@ class RowMerge:
         count = paddle.index_add(paddle.zeros([num_items * rows_per_item, 1], "float32"), flat, 0, ones)
         self._count = paddle.clip(count, min=1.0)     # a row no token maps to (Swin's padding-only rows)
 
+    @property
+    def sizes(self):
+        """[items * rows] float32: how many tokens each row holds (at least 1)."""
+        return self._count.reshape([-1])
+
     def merge(self, x):
         """[items, tokens, C] -> [items, rows, C]: each row the mean of the tokens merged into it."""
         MB, N, C = x.shape
@@ -168,10 +174,11 @@ class _DenseToMeBlock:
         if info["trace_source"]:
             info["maps"][(self._tome_stage, self._tome_index)] = (merge.inverse[:h.shape[0] // M], H, W)
         self.attn._tome_merge = merge
+        self.attn._tome_kv = (ratio, M, info["prop_attn"]) if info["merge_kv"] else None
         try:
             out = self.attn(h, H, W)
         finally:
-            self.attn._tome_merge = None
+            self.attn._tome_merge = self.attn._tome_kv = None
         self._tome_mlp_merge = merge if info["merge_mlp"] else None
         return out
 
@@ -189,11 +196,42 @@ class _DenseToMeBlock:
 
 
 class _DenseToMeAttention:
-    """EfficientAttention (plain or GeminiFusion's): queries from merged tokens, output unmerged after proj."""
+    """EfficientAttention (plain or GeminiFusion's): queries from merged tokens, output unmerged after proj;
+    with merge_kv the reduced key/value tokens merge too (their own map on the reduced grid), and each
+    merged key's logits get log(tokens it holds), so a key standing for s equal tokens weighs as they did."""
 
     def query(self, x):
         merge = getattr(self, "_tome_merge", None)
         return self._tome_orig_class.query(self, merge.merge(x) if merge is not None else x)
+
+    def _kv_merge(self, H, W):
+        """The reduced grid (h, w) and the number of its tokens to merge (0: none)."""
+        kv = getattr(self, "_tome_kv", None)
+        h, w = self.kv_grid(H, W)
+        return h, w, (int(kv[0] * h * w) if kv is not None else 0)
+
+    def key_value(self, x, H, W):
+        self._tome_kv_merge = None      # a DenseMerge, not a tensor: a traced Layer takes no tensor attributes
+        h, w, r = self._kv_merge(H, W)
+        if r < 1:
+            return self._tome_orig_class.key_value(self, x, H, W)
+        t = self.reduce(x, H, W)
+        merge = DenseMerge(t, h, w, r, self._tome_kv[1])
+        if self._tome_kv[2]:
+            self._tome_kv_merge = merge
+        return self.kv_heads(merge.merge(t))
+
+    def attend(self, q, k, v):
+        """softmax(q k^T + log s) v, with s the merged keys' sizes, as sum(p s v) / sum(p s) on the plain
+        softmax p: the size-weighted values carry one more column, never an add over the whole logits."""
+        merge = getattr(self, "_tome_kv_merge", None)
+        self._tome_kv_merge = None
+        if merge is None:
+            return self._tome_orig_class.attend(self, q, k, v)
+        B, heads, R, d = v.shape
+        s = merge.sizes.reshape([B, 1, R, 1]).expand([B, heads, R, 1])
+        y = paddle.matmul(self.probs(q, k), paddle.concat([v * s, s], axis=-1))
+        return self.merge_heads(y[:, :, :, :d] / y[:, :, :, d:])
 
     def project(self, x):
         y = self._tome_orig_class.project(self, x)
@@ -204,7 +242,8 @@ class _DenseToMeAttention:
         x, H, W = inputs[:3]
         merge = getattr(self, "_tome_merge", None)
         n = merge.num_rows if merge is not None else x.shape[1]
-        return 2 * x.shape[0] * n * self.kv_len(H, W) * x.shape[2]
+        h, w, r = self._kv_merge(H, W)
+        return 2 * x.shape[0] * n * (h * w - max(r, 0)) * x.shape[2]
 
 
 class _DenseToMeModel:
@@ -248,9 +287,10 @@ def _stages_and_mixins(backbone):
             _DenseToMeAttention)
 
 
-def apply_dense_patch(model, backbone, ratio, trace_source, swap, merge_mlp=False):
+def apply_dense_patch(model, backbone, ratio, trace_source, swap, merge_mlp=False, merge_kv=True, prop_attn=True):
     """Patch the MiT, Swin or MViTv2 `backbone` inside `model` (see the module docstrings); `swap(layer,
-    mixins)` swaps classes. merge_mlp is MiT's choice: Swin and MViTv2 blocks always merge their MLP."""
+    mixins)` swaps classes. merge_mlp and merge_kv are MiT's choices: Swin and MViTv2 blocks always merge
+    their MLP, and keep all keys/values."""
     stages, block_mixin, attn_mixin = _stages_and_mixins(backbone)
     num_stages = len(stages)
     ratio = DEFAULT_RATIO if ratio is None else ratio
@@ -258,7 +298,7 @@ def apply_dense_patch(model, backbone, ratio, trace_source, swap, merge_mlp=Fals
     # `backbone` sits in a plain dict: a Layer attribute would register it as a sublayer
     info = {"ratio_setting": ratio, "ratios": parse_ratio(ratio, num_stages), "num_stages": num_stages,
             "backbone": backbone, "trace_source": bool(trace_source), "maps": {}, "dense": True,
-            "merge_mlp": bool(merge_mlp)}
+            "merge_mlp": bool(merge_mlp), "merge_kv": bool(merge_kv), "prop_attn": bool(prop_attn)}
     count = 0
     for stage, blocks in enumerate(stages):
         for index, blk in enumerate(blocks):

@@ -129,7 +129,7 @@ def is_patched(model):
     return any(hasattr(m, "_tome_info") for m in model.sublayers(include_self=True))
 
 
-def apply_patch(model, trace_source=False, prop_attn=True, r=None, ratio=None, merge_mlp=False):
+def apply_patch(model, trace_source=False, prop_attn=True, r=None, ratio=None, merge_mlp=False, merge_kv=True):
     """Patch `model` in place with ToMe and return it.
 
     ViT-family models (plfusion's Block): then set `model.r` (default 0: no merging).
@@ -140,7 +140,8 @@ def apply_patch(model, trace_source=False, prop_attn=True, r=None, ratio=None, m
     MiT, Swin and MViTv2 models (the backbone, or a Segmentor or Classifier holding one, with or
     without TokenFusion/GeminiFusion): `ratio` is the fraction of tokens merged per stage (a number
     or one per stage; default dense.DEFAULT_RATIO), later `model.ratio`; merge_mlp merges MiT's
-    MixFFN per-token layers too (Swin and MViTv2 always merge their MLP); trace_source keeps the
+    MixFFN per-token layers too (Swin and MViTv2 always merge their MLP); merge_kv (default on) merges
+    MiT's reduced keys/values at the same ratio, with log-size logits when prop_attn; trace_source keeps the
     merge maps in model._tome_info["maps"]. See plfusion/patches/tome/dense.py, swin.py and mvit.py.
     A second call on a patched model changes nothing.
     """
@@ -155,7 +156,7 @@ def apply_patch(model, trace_source=False, prop_attn=True, r=None, ratio=None, m
             raise ValueError(f"tome.apply_patch: r (tokens per layer) is for ViT-family models; a "
                              f"{type(backbone).__name__} takes ratio (the fraction of each stage's tokens merged), "
                              f"e.g. ratio=0.5")
-        count = dense.apply_dense_patch(model, backbone, ratio, trace_source, _swap, merge_mlp)
+        count = dense.apply_dense_patch(model, backbone, ratio, trace_source, _swap, merge_mlp, merge_kv, prop_attn)
         logger.info("ToMe: patched %d %s blocks of %s, ratio %s per stage", count, type(backbone).__name__,
                     type(model)._tome_orig_class.__name__, model.ratio)
         return model
