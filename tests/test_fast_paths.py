@@ -73,7 +73,7 @@ def test_segformer_head_counts_the_papers_multiply_adds():
 def test_segformer_head_in_bands_of_rows_equals_the_whole_map(monkeypatch, band_floats):
     """Eval runs the fused map, ReLU and linear_pred one band of rows at a time (1 row, bands that do
     not divide the height, one band): the logits of the whole-map path, and the same multiply-adds."""
-    import plfusion.models.heads as heads
+    import plfusion.models.layers as layers
     paddle.seed(5)
     head = SegFormerHead([8, 16, 24, 32], num_classes=5, embed_dim=16)
     bn = head.linear_fuse.bn
@@ -81,11 +81,29 @@ def test_segformer_head_in_bands_of_rows_equals_the_whole_map(monkeypatch, band_
     bn._variance.set_value(paddle.rand([16]) + 0.5)
     head.eval()
     feats = [paddle.randn([2, c, h, w]) for c, (h, w) in zip([8, 16, 24, 32], [(13, 17), (7, 9), (4, 5), (2, 3)])]
-    monkeypatch.setattr(heads, "BAND_FLOATS", band_floats)
+    monkeypatch.setattr(layers, "BAND_FLOATS", band_floats)
     got, macs = head(feats).numpy(), count_flops(head, [list(f.shape) for f in feats])
     monkeypatch.setattr(SegFormerHead, "_by_bands", lambda self, feats: False)
     np.testing.assert_allclose(got, head(feats).numpy(), rtol=1e-5, atol=1e-5)
     assert macs == count_flops(head, [list(f.shape) for f in feats])
+
+
+@pytest.mark.parametrize("band_floats", [1, 3000, 1 << 20])
+def test_mixffn_in_bands_of_rows_equals_the_layer_by_layer_function(monkeypatch, band_floats):
+    """MixFFN in eval runs one band of rows at a time (the conv's neighbour rows recomputed at each
+    band's edge); training keeps the whole map. Both give fc1 -> dwconv -> GELU -> fc2 of the layers."""
+    import plfusion.models.layers as layers
+    from plfusion.models.mix_transformer import MixFFN
+    paddle.seed(6)
+    mlp = MixFFN(8, 32)
+    H, W = 11, 7
+    x = paddle.randn([3, H * W, 8])
+    want = mlp.fc2(mlp.act(mlp.dwconv(mlp.fc1(x), H, W))).numpy()
+    monkeypatch.setattr(layers, "BAND_FLOATS", band_floats)
+    mlp.eval()
+    np.testing.assert_allclose(mlp(x, H, W).numpy(), want, rtol=1e-5, atol=1e-5)
+    mlp.train()
+    np.testing.assert_allclose(mlp(x, H, W).numpy(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_attention_with_the_scale_on_q_weights_equals_the_textbook_formula():

@@ -3,9 +3,7 @@ import paddle
 import paddle.nn as nn
 
 from ..registry import HEADS, PositiveInt, PositiveInts, Rate
-from .layers import Linear, resize_bilinear, resize_matrices, trunc_normal_, zeros_
-
-BAND_FLOATS = 1 << 20   # floats of the fused map per band in eval: 4 MB, within the last-level cache
+from .layers import Linear, resize_bilinear, resize_matrices, row_bands, trunc_normal_, zeros_
 
 __all__ = ["LinearClsHead", "SegFormerHead"]
 
@@ -143,10 +141,8 @@ class SegFormerHead(nn.Layer):
                 maps.append((paddle.matmul(weight, x).reshape([B, dim, h, w]), rows, cols.t()))
         pred = self.linear_pred.weight.reshape([self.num_classes, dim]).unsqueeze(0).expand([B, self.num_classes, dim])
         pred_bias = self.linear_pred.bias.reshape([1, self.num_classes, 1])
-        band = max(1, BAND_FLOATS // (B * dim * W))
         out = []
-        for r0 in range(0, H, band):
-            r1 = min(H, r0 + band)
+        for r0, r1 in row_bands(H, B * dim * W):
             acc = None
             for x, a, cols in maps:
                 if cols is None:

@@ -17,6 +17,19 @@ ones_ = nn.initializer.Constant(1.0)
 _ONES = {}
 
 
+BAND_FLOATS = 1 << 21   # eval passes that go in bands of rows keep ~8 MB per band: within the last-level cache
+
+
+def row_bands(H, row_floats, halo=0):
+    """[(r0, r1)] covering 0..H: bands of rows of about BAND_FLOATS floats (a row holding `row_floats`,
+    plus `halo` rows each side that a conv reads); one band when the map is under twice that size
+    (splitting it would cost more in halo rows and calls than the cache saves)."""
+    if H * row_floats <= 2 * BAND_FLOATS:
+        return [(0, H)]
+    band = max(1, BAND_FLOATS // max(1, row_floats) - 2 * halo)
+    return [(r0, min(H, r0 + band)) for r0 in range(0, H, band)]
+
+
 def cached_ones(shape, dtype):
     """A ones tensor of this shape and dtype, made once (the rank-1 GEMMs that add biases use them)."""
     key = (tuple(shape), str(dtype))
