@@ -106,6 +106,20 @@ def test_mixffn_in_bands_of_rows_equals_the_layer_by_layer_function(monkeypatch,
     np.testing.assert_allclose(mlp(x, H, W).numpy(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("band_floats", [1, 3000, 1 << 20])
+def test_mit_attention_in_bands_of_queries_equals_the_whole_softmax(monkeypatch, band_floats):
+    import plfusion.models.layers as layers
+    from plfusion.models.mix_transformer import EfficientAttention
+    paddle.seed(7)
+    attn = EfficientAttention(16, num_heads=2, qkv_bias=True, sr_ratio=2)
+    H, W = 9, 11
+    x = paddle.randn([3, H * W, 16])
+    want = attn(x, H, W).numpy()           # training mode (no dropout here): the whole logits at once
+    monkeypatch.setattr(layers, "BAND_FLOATS", band_floats)
+    attn.eval()
+    np.testing.assert_allclose(attn(x, H, W).numpy(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_with_the_scale_on_q_weights_equals_the_textbook_formula():
     paddle.seed(2)
     attn = Attention(24, num_heads=3, qkv_bias=True)

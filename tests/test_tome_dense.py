@@ -9,7 +9,8 @@ from conftest import outputs_numpy, segmentor_inputs
 
 from plfusion.models import build_model, create_model
 from plfusion.patches import geminifusion, tokenfusion, tome
-from plfusion.patches.tome.dense import MAX_RATIO, DenseMerge
+from plfusion.patches.tome.dense import (DEFAULT_RATIO, MAX_RATIO, MIT_DEFAULT_RATIO, CellMerge, DenseMerge,
+                                         dense_merge)
 from plfusion.utils.flops import count_flops
 
 SIZE = (45, 62)   # stage grids 12x16, 6x8, 3x4, 2x2: odd cells at the edges
@@ -98,6 +99,23 @@ def test_modalities_share_one_map_and_a_constant_map_survives_merge_and_unmerge(
     np.testing.assert_allclose(merge.merge(merge.unmerge(y)).numpy(), y.numpy(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("H, W", [(6, 8), (7, 9), (1, 5)])
+def test_the_maximum_ratio_pools_each_cell_as_the_matched_map_does(H, W):
+    """r covering every source needs no match: dense_merge then pools 2x2 cells (CellMerge), with the
+    rows, order, sizes and means of DenseMerge at that r, odd grids included."""
+    paddle.seed(8)
+    x = paddle.randn([4, H * W, 6])
+    sources = H * W - ((H + 1) // 2) * ((W + 1) // 2)
+    cell, dense = dense_merge(x, H, W, sources, num_modalities=2), DenseMerge(x, H, W, sources, num_modalities=2)
+    assert isinstance(cell, CellMerge) and cell.num_rows == dense.num_rows
+    np.testing.assert_array_equal(cell.inverse.numpy(), dense.inverse.numpy())
+    np.testing.assert_array_equal(cell.sizes.numpy(), dense.sizes.numpy())
+    np.testing.assert_allclose(cell.merge(x).numpy(), dense.merge(x).numpy(), rtol=1e-6, atol=1e-6)
+    y = paddle.randn([4, cell.num_rows, 6])
+    np.testing.assert_array_equal(cell.unmerge(y).numpy(), dense.unmerge(y).numpy())
+    assert isinstance(dense_merge(x, H, W, sources - 1), DenseMerge) or sources == 0
+
+
 def test_tokens_merge_only_inside_their_2x2_cell():
     paddle.seed(3)
     H, W = 6, 8
@@ -182,6 +200,16 @@ def test_backward_and_a_traced_program_work_with_merging_on():
     spec = [paddle.static.InputSpec([2, 3, *SIZE], "float32")] * 2
     static = paddle.jit.to_static(Two(seg), input_spec=spec, full_graph=True)
     np.testing.assert_allclose(static(*x).numpy(), want[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_default_ratio_is_the_2x2_cell_on_mit_and_per_stage_on_swin():
+    seg = _unpatched(None)
+    tome.apply_patch(seg)
+    assert seg.ratio == MIT_DEFAULT_RATIO == MAX_RATIO
+    swin = create_model("swin_tiny_patch4_window7_224", num_classes=0, out_indices=(0, 1, 2, 3), depths=(1, 1, 1, 1),
+                        num_heads=(1, 1, 1, 1), embed_dim=8)
+    tome.apply_patch(swin)
+    assert swin.ratio == DEFAULT_RATIO
 
 
 def test_errors_name_the_setting():

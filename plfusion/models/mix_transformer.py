@@ -169,7 +169,7 @@ class EfficientAttention(nn.Layer):
       reduce(x, H, W)     -> the tokens k/v are computed from: sr conv + `norm`, or x when sr_ratio == 1
       key_value(x, H, W)  -> k, v [B, heads, N / sr_ratio^2, d]: kv_heads(reduce(x, H, W))
       attend(q, k, v)     -> softmax(q k^T) v (q carries the scale) with heads merged: [B, N, C], BEFORE `proj`;
-                             merge_heads(probs(q, k) @ v)
+                             merge_heads(weighted(q, k, v)), weighted = probs(q, k) @ v
       project(x)          -> proj + dropout
     A fusion subclass overrides forward to mix modalities between `attend` and `project`.
     """
@@ -224,7 +224,19 @@ class EfficientAttention(nn.Layer):
         return x.transpose([0, 2, 1, 3]).reshape([B, N, -1])
 
     def attend(self, q, k, v):
-        return self.merge_heads(paddle.matmul(self.probs(q, k), v))
+        return self.merge_heads(self.weighted(q, k, v))
+
+    def weighted(self, q, k, v):
+        """probs(q, k) @ v, [B, heads, N, d]. Eval in dygraph takes the queries in bands when the logits
+        are large (stage 1 at 480x640: [B, 1, 19200, 300]), so each band's logits stay in the CPU cache
+        through the matmul, softmax and matmul instead of three trips through memory."""
+        if self.training or not paddle.in_dynamic_mode():
+            return paddle.matmul(self.probs(q, k), v)
+        B, heads, N, _ = q.shape
+        bands = row_bands(N, B * heads * k.shape[2])
+        if len(bands) == 1:
+            return paddle.matmul(self.probs(q, k), v)
+        return paddle.concat([paddle.matmul(self.probs(q[:, :, a:b], k), v) for a, b in bands], axis=2)
 
     def project(self, x):
         return self.proj_drop(self.proj(x))

@@ -25,13 +25,16 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-__all__ = ["DenseMerge", "RowMerge", "match_rows", "check_ratio", "parse_ratio", "parse_ratio_text", "MAX_RATIO", "DEFAULT_RATIO"]
+__all__ = ["CellMerge", "DenseMerge", "RowMerge", "dense_merge", "match_rows", "check_ratio", "parse_ratio", "parse_ratio_text", "MAX_RATIO", "DEFAULT_RATIO", "MIT_DEFAULT_RATIO"]
 
 CELL = 2                       # destinations: one per CELL x CELL block of the grid
 MAX_RATIO = 1.0 - 1.0 / (CELL * CELL)
-# per stage: keeps the RGB-D demo model within 1 mIoU at its 64x96 and at 4x the pixels
-# (README, "ToMe on dense models"); the small last stage is left alone
+# Swin and MViTv2, per stage: their MLPs merge too, and the Swin-T quickstart keeps most of its
+# accuracy only at this; the small last stage is left alone
 DEFAULT_RATIO = (0.5, 0.5, 0.25, 0.0)
+# MiT: every 2x2 cell one query and one key/value (Segformer++'s 2x2 setting: -0.4 mIoU on Cityscapes
+# MiT-B5 at 1.9x); within 1 mIoU of unmerged on the three RGB/RGB-D demo models at 64x96 and 128x192
+MIT_DEFAULT_RATIO = MAX_RATIO
 
 
 def check_ratio(ratio, num_stages, where="model.ratio"):
@@ -121,11 +124,12 @@ class RowMerge:
     """Tokens [items, tokens_per_item, C] and the rows they merge into, by a flat token -> row index
     (`flat`, over all items): `merge` (mean into rows) and `unmerge` (every token takes its row)."""
 
-    def __init__(self, flat, num_items, rows_per_item, tokens_per_item):
+    def __init__(self, flat, num_items, rows_per_item, tokens_per_item, count=None):
         self._flat = flat
         self.rows_per_item, self.num_tokens = rows_per_item, tokens_per_item
-        ones = paddle.ones([flat.shape[0], 1], "float32")
-        count = paddle.index_add(paddle.zeros([num_items * rows_per_item, 1], "float32"), flat, 0, ones)
+        if count is None:
+            ones = paddle.ones([flat.shape[0], 1], "float32")
+            count = paddle.index_add(paddle.zeros([num_items * rows_per_item, 1], "float32"), flat, 0, ones)
         self._count = paddle.clip(count, min=1.0)     # a row no token maps to (Swin's padding-only rows)
 
     @property
@@ -156,6 +160,55 @@ class DenseMerge(RowMerge):
         super().__init__(flat, MB, self.num_rows, N)
 
 
+@paddle.jit.not_to_static   # numpy on static sizes: constants of a traced program
+def _cells(num_items, H, W):
+    """(flat row of each token over `num_items` items [items*H*W], tokens per row [items*rows, 1]) when
+    every CELL x CELL cell of an H x W grid is one row."""
+    key = ("cells", num_items, H, W)
+    if key not in _GRIDS:
+        rows, cols = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+        cell = ((rows // CELL) * ((W + CELL - 1) // CELL) + cols // CELL).reshape(-1)
+        n = int(cell.max()) + 1
+        flat = (cell[None, :] + n * np.arange(num_items)[:, None]).reshape(-1)
+        count = np.tile(np.bincount(cell, minlength=n).astype("float32"), num_items)[:, None]
+        _GRIDS[key] = flat, count
+    return _GRIDS[key]
+
+
+class CellMerge(RowMerge):
+    """The merge map when every source merges (r >= the sources: the maximum ratio, nothing left to
+    match): each 2x2 cell is one row. DenseMerge's rows, order and means at that r, from a constant
+    map instead of a match (~20 ms per stage-1 block at 480x640); unmerge repeats each cell's row
+    over its 2x2 tokens by a broadcast, not a gather."""
+
+    def __init__(self, num_items, H, W):
+        self.H, self.W = H, W
+        self.Hc, self.Wc = -(-H // CELL), -(-W // CELL)
+        self.num_rows = self.Hc * self.Wc
+        flat, count = (paddle.to_tensor(a) for a in _cells(num_items, H, W))
+        super().__init__(flat, num_items, self.num_rows, H * W, count)
+
+    @property
+    def inverse(self):
+        return self._flat.reshape([-1, self.num_tokens]) % self.num_rows
+
+    def unmerge(self, y):
+        MB, _, C = y.shape
+        y = y.reshape([MB, self.Hc, 1, self.Wc, 1, C]).expand([MB, self.Hc, CELL, self.Wc, CELL, C])
+        y = y.reshape([MB, self.Hc * CELL, self.Wc * CELL, C])
+        if (self.Hc * CELL, self.Wc * CELL) != (self.H, self.W):
+            y = y[:, :self.H, :self.W]
+        return y.reshape([MB, self.num_tokens, C])
+
+
+def dense_merge(metric, H, W, r, num_modalities=1):
+    """The merge map of tokens [M*B, H*W, C] with r merged: a CellMerge when r covers every source."""
+    sources = H * W - (-(-H // CELL)) * (-(-W // CELL))
+    if int(r) >= sources:
+        return CellMerge(metric.shape[0], H, W)
+    return DenseMerge(metric, H, W, r, num_modalities)
+
+
 # ------------------------------------------------------------------ the patch
 
 class _DenseToMeBlock:
@@ -170,7 +223,7 @@ class _DenseToMeBlock:
             return self._tome_orig_class.attn_branch(self, x, H, W)
         h = self.norm1(x)
         M = getattr(info["backbone"], "num_modalities", 1)
-        merge = DenseMerge(h, H, W, ratio * H * W, M)
+        merge = dense_merge(h, H, W, ratio * H * W, M)
         if info["trace_source"]:
             info["maps"][(self._tome_stage, self._tome_index)] = (merge.inverse[:h.shape[0] // M], H, W)
         self.attn._tome_merge = merge
@@ -216,7 +269,7 @@ class _DenseToMeAttention:
         if r < 1:
             return self._tome_orig_class.key_value(self, x, H, W)
         t = self.reduce(x, H, W)
-        merge = DenseMerge(t, h, w, r, self._tome_kv[1])
+        merge = dense_merge(t, h, w, r, self._tome_kv[1])
         if self._tome_kv[2]:
             self._tome_kv_merge = merge
         return self.kv_heads(merge.merge(t))
@@ -230,7 +283,7 @@ class _DenseToMeAttention:
             return self._tome_orig_class.attend(self, q, k, v)
         B, heads, R, d = v.shape
         s = merge.sizes.reshape([B, 1, R, 1]).expand([B, heads, R, 1])
-        y = paddle.matmul(self.probs(q, k), paddle.concat([v * s, s], axis=-1))
+        y = self.weighted(q, k, paddle.concat([v * s, s], axis=-1))
         return self.merge_heads(y[:, :, :, :d] / y[:, :, :, d:])
 
     def project(self, x):
@@ -293,7 +346,8 @@ def apply_dense_patch(model, backbone, ratio, trace_source, swap, merge_mlp=Fals
     their MLP, and keep all keys/values."""
     stages, block_mixin, attn_mixin = _stages_and_mixins(backbone)
     num_stages = len(stages)
-    ratio = DEFAULT_RATIO if ratio is None else ratio
+    if ratio is None:
+        ratio = DEFAULT_RATIO if block_mixin is not _DenseToMeBlock else MIT_DEFAULT_RATIO
     check_ratio(ratio, num_stages, where="tome.apply_patch(ratio=...)")
     # `backbone` sits in a plain dict: a Layer attribute would register it as a sublayer
     info = {"ratio_setting": ratio, "ratios": parse_ratio(ratio, num_stages), "num_stages": num_stages,

@@ -139,10 +139,11 @@ def apply_patch(model, trace_source=False, prop_attn=True, r=None, ratio=None, m
 
     MiT, Swin and MViTv2 models (the backbone, or a Segmentor or Classifier holding one, with or
     without TokenFusion/GeminiFusion): `ratio` is the fraction of tokens merged per stage (a number
-    or one per stage; default dense.DEFAULT_RATIO), later `model.ratio`; merge_mlp merges MiT's
-    MixFFN per-token layers too (Swin and MViTv2 always merge their MLP); merge_kv (default on) merges
-    MiT's reduced keys/values at the same ratio, with log-size logits when prop_attn; trace_source keeps the
-    merge maps in model._tome_info["maps"]. See plfusion/patches/tome/dense.py, swin.py and mvit.py.
+    or one per stage; default dense.MIT_DEFAULT_RATIO for MiT, dense.DEFAULT_RATIO for Swin and
+    MViTv2), later `model.ratio`; merge_mlp merges MiT's MixFFN per-token layers too (Swin and MViTv2
+    always merge their MLP); merge_kv (default on) merges MiT's reduced keys/values at the same
+    ratio, with log-size logits when prop_attn; trace_source keeps the merge maps in
+    model._tome_info["maps"]. See plfusion/patches/tome/dense.py, swin.py and mvit.py.
     A second call on a patched model changes nothing.
     """
     blocks = [m for m in model.sublayers(include_self=True) if _supported_block(m)]
