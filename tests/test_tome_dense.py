@@ -275,11 +275,12 @@ def test_dense_groups_follow_the_merge_map():
     assert dense_groups(seg, stage=0, block=0) is None and dense_groups(seg, stage=1, block=1).shape == (6, 8)
 
 
-def test_export_fixes_the_ratio_and_matches_dygraph(tmp_path):
+@pytest.mark.parametrize("ratio", [0.5, MAX_RATIO])    # matched maps; MiT's default, constant CellMerge maps
+def test_export_fixes_the_ratio_and_matches_dygraph(tmp_path, ratio):
     from plfusion.export import export_model
-    seg = _seg("gemini", ratio=0.5)
+    seg = _seg("gemini", ratio=ratio)
     info = export_model(seg, str(tmp_path / "exp"), img_size=SIZE, check_batch=2, batch_size=2)
-    assert info["tome_ratio"] == 0.5
+    assert info["tome_ratio"] == ratio
     assert max(info["check"]["max_abs_diff"].values()) < 1e-3
 
 
