@@ -88,6 +88,30 @@ def test_segformer_head_in_bands_of_rows_equals_the_whole_map(monkeypatch, band_
     assert macs == count_flops(head, [list(f.shape) for f in feats])
 
 
+def test_segformer_head_bands_trace_into_a_program_with_a_free_batch(monkeypatch):
+    """Exports take the banded head too (matmul + add per band, unrolled): same logits as dygraph."""
+    import plfusion.models.layers as layers
+    from paddle.static import InputSpec
+    monkeypatch.setattr(layers, "BAND_FLOATS", 1000)     # a traced batch of -1 sizes the bands for 1: 5 bands
+    paddle.seed(9)
+    head = SegFormerHead([8, 16, 24, 32], num_classes=5, embed_dim=16)
+    head.eval()
+    sizes = [(13, 17), (7, 9), (4, 5), (2, 3)]
+    feats = [paddle.randn([2, c, h, w]) for c, (h, w) in zip([8, 16, 24, 32], sizes)]
+
+    class Wrap(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, a, b, c, d):
+            return self.head([a, b, c, d])
+
+    spec = [InputSpec([None, c, h, w], "float32") for c, (h, w) in zip([8, 16, 24, 32], sizes)]
+    static = paddle.jit.to_static(Wrap(), input_spec=spec, full_graph=True)
+    np.testing.assert_allclose(static(*feats).numpy(), head(feats).numpy(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("band_floats", [1, 3000, 1 << 20])
 def test_mixffn_in_bands_of_rows_equals_the_layer_by_layer_function(monkeypatch, band_floats):
     """MixFFN in eval runs one band of rows at a time (the conv's neighbour rows recomputed at each

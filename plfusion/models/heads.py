@@ -122,38 +122,50 @@ class SegFormerHead(nn.Layer):
         return self.linear_pred(self.dropout(x))
 
     def _by_bands(self, feats):
-        return not self.training and paddle.in_dynamic_mode() and -1 not in feats[0].shape
+        return not self.training and -1 not in feats[0].shape[2:]
 
+    @paddle.jit.not_to_static   # the Python loops unroll into the traced program as they are
     def _logits_by_bands(self, feats, weights, bias):
-        """Eval in dygraph: the fused map, ReLU and linear_pred one band of output rows at a time, so the
-        embed_dim-wide map (the largest tensor of a SegFormer at 480x640) stays in the CPU cache instead of
-        making ~10 trips through memory. Same arithmetic per pixel as _fused_maps."""
+        """Eval: the fused map, ReLU and linear_pred one band of output rows at a time, so the embed_dim-wide
+        map (the largest tensor of a SegFormer at 480x640) stays in the CPU cache instead of making ~10
+        trips through memory. Same arithmetic per pixel as _fused_maps. Dygraph accumulates inside the
+        GEMMs (baddbmm / addmm); a traced program keeps matmul + add, which Paddle Inference and
+        paddle2onnx know, and may have a free batch size."""
         B, _, H, W = feats[0].shape
         dim = weights[0].shape[0]
+        dynamic = paddle.in_dynamic_mode()
         maps = []      # (x [B, C, H*W], weight) at the output size, else (projected y, rows, cols^T)
         for x, weight in zip(feats, weights):
             _, C, h, w = x.shape
             x = x.reshape([B, C, h * w])
             if (h, w) == (H, W):
-                maps.append((x, weight.unsqueeze(0).expand([B, dim, C]), None))
+                maps.append((x, weight.unsqueeze(0).expand([B, dim, C]) if dynamic else weight, None))
             else:
                 rows, cols = resize_matrices((h, w), (H, W), self.align_corners, x.dtype)
                 maps.append((paddle.matmul(weight, x).reshape([B, dim, h, w]), rows, cols.t()))
-        pred = self.linear_pred.weight.reshape([self.num_classes, dim]).unsqueeze(0).expand([B, self.num_classes, dim])
+        pred = self.linear_pred.weight.reshape([self.num_classes, dim])
         pred_bias = self.linear_pred.bias.reshape([1, self.num_classes, 1])
+        if dynamic:
+            pred = pred.unsqueeze(0).expand([B, self.num_classes, dim])
         out = []
-        for r0, r1 in row_bands(H, B * dim * W):
-            acc = None
+        for r0, r1 in row_bands(H, max(B, 1) * dim * W):
+            acc, n = None, (r1 - r0) * W
             for x, a, cols in maps:
                 if cols is None:
-                    acc = paddle.baddbmm(bias if acc is None else acc, a, x[:, :, r0 * W:r1 * W])
+                    xs = x[:, :, r0 * W:r1 * W]
+                    if dynamic:
+                        acc = paddle.baddbmm(bias if acc is None else acc, a, xs)
+                    else:
+                        acc = paddle.matmul(a, xs) + (bias if acc is None else acc)
                     continue
                 t = paddle.matmul(a[r0:r1], x).reshape([-1, x.shape[3]])          # [B*dim*band, w]
-                if acc is None:
-                    acc = (paddle.matmul(t, cols).reshape([B, dim, (r1 - r0) * W]) + bias)
+                if acc is None or not dynamic:
+                    y = paddle.matmul(t, cols).reshape([B, dim, n])
+                    acc = y + (bias if acc is None else acc)
                 else:
-                    acc = paddle.addmm(acc.reshape([-1, W]), t, cols).reshape([B, dim, (r1 - r0) * W])
-            out.append(paddle.baddbmm(pred_bias, pred, self.linear_fuse.act(acc)))   # linear_pred
+                    acc = paddle.addmm(acc.reshape([-1, W]), t, cols).reshape([B, dim, n])
+            act = self.linear_fuse.act(acc)
+            out.append(paddle.baddbmm(pred_bias, pred, act) if dynamic else paddle.matmul(pred, act) + pred_bias)
         return paddle.concat(out, axis=-1).reshape([B, self.num_classes, H, W])
 
     def _fused_maps(self, feats, weights, bias):
