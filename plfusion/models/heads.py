@@ -115,83 +115,88 @@ class SegFormerHead(nn.Layer):
             bias = b if bias is None else bias + b
         if not self.training:
             bias = bias + bn.bias - bn._mean * scale
+        bias = bias.reshape([1, dim, 1])
         if self._by_bands(feats):
-            return self._logits_by_bands(feats, weights, bias.reshape([1, dim, 1]))
-        x = self._fused_maps(feats, weights, bias.reshape([1, dim, 1]))
+            return self._logits_by_bands(feats, weights, bias)
+        x = self._fused_maps(feats, weights, bias)
         x = self.linear_fuse.act(x if not self.training else self.linear_fuse.bn(x))
         return self.linear_pred(self.dropout(x))
 
     def _by_bands(self, feats):
         return not self.training and -1 not in feats[0].shape[2:]
 
-    @paddle.jit.not_to_static   # the Python loops unroll into the traced program as they are
-    def _logits_by_bands(self, feats, weights, bias):
-        """Eval: the fused map, ReLU and linear_pred one band of output rows at a time, so the embed_dim-wide
-        map (the largest tensor of a SegFormer at 480x640) stays in the CPU cache instead of making ~10
-        trips through memory. Same arithmetic per pixel as _fused_maps. Dygraph accumulates inside the
-        GEMMs (baddbmm / addmm); a traced program keeps matmul + add, which Paddle Inference and
-        paddle2onnx know, and may have a free batch size."""
+    def _projected_maps(self, feats, weights):
+        """Per map: (x [B, C, H*W], its weight, None) at the output size H x W, else (weight @ x
+        [B, dim, h, w], rows [H, h], cols^T [w, W]) to be resized as rows @ y @ cols^T."""
         B, _, H, W = feats[0].shape
         dim = weights[0].shape[0]
-        dynamic = paddle.in_dynamic_mode()
-        maps = []      # (x [B, C, H*W], weight) at the output size, else (projected y, rows, cols^T)
+        maps = []
         for x, weight in zip(feats, weights):
             _, C, h, w = x.shape
             x = x.reshape([B, C, h * w])
             if (h, w) == (H, W):
-                maps.append((x, weight.unsqueeze(0).expand([B, dim, C]) if dynamic else weight, None))
+                maps.append((x, weight.unsqueeze(0).expand([B, dim, C]) if paddle.in_dynamic_mode() else weight, None))
             else:
                 rows, cols = resize_matrices((h, w), (H, W), self.align_corners, x.dtype)
                 maps.append((paddle.matmul(weight, x).reshape([B, dim, h, w]), rows, cols.t()))
+        return maps
+
+    @staticmethod
+    def _fused_band(maps, bias, r0, r1, H, W):
+        """Rows r0..r1 of sum_i resize(map i) + bias, [B, dim, (r1 - r0) * W]. Dygraph accumulates inside
+        the GEMMs (baddbmm / addmm: no full-size adds); a traced program keeps matmul + add, which Paddle
+        Inference and paddle2onnx know, and may have a free batch size."""
+        dynamic, whole, n = paddle.in_dynamic_mode(), (r0, r1) == (0, H), (r1 - r0) * W
+        acc = None
+        for x, a, cols in maps:
+            if cols is None:
+                xs = x if whole else x[:, :, r0 * W:r1 * W]
+                if dynamic:
+                    acc = paddle.baddbmm(bias if acc is None else acc, a, xs)
+                else:
+                    acc = paddle.matmul(a, xs) + (bias if acc is None else acc)
+                continue
+            t = paddle.matmul(a if whole else a[r0:r1], x).reshape([-1, x.shape[3]])     # [B*dim*rows, w]
+            if acc is None or not dynamic:
+                y = paddle.matmul(t, cols).reshape([x.shape[0], x.shape[1], n])
+                acc = y + (bias if acc is None else acc)
+            else:
+                acc = paddle.addmm(acc.reshape([-1, W]), t, cols).reshape([x.shape[0], x.shape[1], n])
+        return acc
+
+    @paddle.jit.not_to_static   # the Python loops unroll into the traced program as they are
+    def _logits_by_bands(self, feats, weights, bias):
+        """Eval: the fused map, ReLU and linear_pred one band of output rows at a time, so the embed_dim-wide
+        map (the largest tensor of a SegFormer at 480x640) stays in the CPU cache instead of making ~10
+        trips through memory. Same arithmetic per pixel as _fused_maps."""
+        B, _, H, W = feats[0].shape
+        dim = weights[0].shape[0]
+        maps = self._projected_maps(feats, weights)
         pred = self.linear_pred.weight.reshape([self.num_classes, dim])
         pred_bias = self.linear_pred.bias.reshape([1, self.num_classes, 1])
+        dynamic = paddle.in_dynamic_mode()
         if dynamic:
             pred = pred.unsqueeze(0).expand([B, self.num_classes, dim])
         out = []
         for r0, r1 in row_bands(H, max(B, 1) * dim * W):
-            acc, n = None, (r1 - r0) * W
-            for x, a, cols in maps:
-                if cols is None:
-                    xs = x[:, :, r0 * W:r1 * W]
-                    if dynamic:
-                        acc = paddle.baddbmm(bias if acc is None else acc, a, xs)
-                    else:
-                        acc = paddle.matmul(a, xs) + (bias if acc is None else acc)
-                    continue
-                t = paddle.matmul(a[r0:r1], x).reshape([-1, x.shape[3]])          # [B*dim*band, w]
-                if acc is None or not dynamic:
-                    y = paddle.matmul(t, cols).reshape([B, dim, n])
-                    acc = y + (bias if acc is None else acc)
-                else:
-                    acc = paddle.addmm(acc.reshape([-1, W]), t, cols).reshape([B, dim, n])
-            act = self.linear_fuse.act(acc)
+            act = self.linear_fuse.act(self._fused_band(maps, bias, r0, r1, H, W))
             out.append(paddle.baddbmm(pred_bias, pred, act) if dynamic else paddle.matmul(pred, act) + pred_bias)
         return paddle.concat(out, axis=-1).reshape([B, self.num_classes, H, W])
 
+    @paddle.jit.not_to_static
     def _fused_maps(self, feats, weights, bias):
-        """sum_i resize(weights[i] @ feats[i]) + bias at the first map's size, [B, dim, H, W].
-
-        In dygraph the sum accumulates inside the GEMMs (baddbmm / addmm): no full-size adds.
-        Traced programs keep matmul + add, which Paddle Inference and paddle2onnx know."""
+        """sum_i resize(weights[i] @ feats[i]) + bias at the first map's size, [B, dim, H, W], whole."""
         B, _, H, W = feats[0].shape
         dim = weights[0].shape[0]
-        out = None
-        for i, (x, weight) in enumerate(zip(feats, weights)):
+        if -1 not in (H, W):
+            return self._fused_band(self._projected_maps(feats, weights), bias, 0, H, H, W).reshape([B, dim, H, W])
+        out = None      # sizes known only when the traced program runs: resize_bilinear's own matrices
+        for x, weight in zip(feats, weights):
             _, C, h, w = x.shape
-            x = x.reshape([B, C, h * w])
-            if not paddle.in_dynamic_mode() or -1 in x.shape:
-                y = paddle.matmul(weight, x).reshape([B, dim, h, w])
-                y = resize_bilinear(y, (H, W), self.align_corners)
-                out = y + bias.unsqueeze(-1) if out is None else out + y
-                continue
-            if (h, w) == (H, W):    # the first map (bias broadcast into it), or one of the same size
-                out = paddle.baddbmm(bias if out is None else out, weight.unsqueeze(0).expand([B, dim, C]), x)
-                continue
-            y = paddle.matmul(weight, x).reshape([B, dim, h, w])
-            rows, cols = resize_matrices((h, w), (H, W), self.align_corners, y.dtype)
-            t = paddle.matmul(rows, y).reshape([B * dim * H, w])
-            out = paddle.addmm(out.reshape([B * dim * H, W]), t, cols.t())
-        return out.reshape([B, dim, H, W])
+            y = resize_bilinear(paddle.matmul(weight, x.reshape([B, C, -1])).reshape([B, dim, h, w]), (H, W),
+                                self.align_corners)
+            out = y + bias.unsqueeze(-1) if out is None else out + y
+        return out
 
     def flops_hook(self, inputs, output):
         """Multiply-adds of SegFormer's formulation (per-map Linear, then the 1x1 fuse conv at stride 4),

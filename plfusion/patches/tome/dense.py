@@ -67,6 +67,12 @@ def parse_ratio(ratio, num_stages):
 _GRIDS = {}   # every block of a stage asks for the same grid, every pass
 
 
+def _cell_of_tokens(H, W):
+    """[H*W]: the CELL x CELL cell (row-major) each token of an H x W grid lies in."""
+    rows, cols = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+    return ((rows // CELL) * ((W + CELL - 1) // CELL) + cols // CELL).reshape(-1)
+
+
 @paddle.jit.not_to_static   # numpy on static sizes: constants of a traced program
 def _grid(H, W):
     """(dst index per src, src indices, dst indices, inverse of the [dst, src] order) for an H x W grid."""
@@ -74,7 +80,7 @@ def _grid(H, W):
         return _GRIDS[(H, W)]
     rows, cols = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
     is_dst = ((rows % CELL == 0) & (cols % CELL == 0)).reshape(-1)
-    cell = ((rows // CELL) * ((W + CELL - 1) // CELL) + cols // CELL).reshape(-1)
+    cell = _cell_of_tokens(H, W)
     dst = np.flatnonzero(is_dst)            # row-major, so dst number k is cell k
     src = np.flatnonzero(~is_dst)
     order = np.concatenate([dst, src])
@@ -166,8 +172,7 @@ def _cells(num_items, H, W):
     every CELL x CELL cell of an H x W grid is one row."""
     key = ("cells", num_items, H, W)
     if key not in _GRIDS:
-        rows, cols = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
-        cell = ((rows // CELL) * ((W + CELL - 1) // CELL) + cols // CELL).reshape(-1)
+        cell = _cell_of_tokens(H, W)
         n = int(cell.max()) + 1
         flat = (cell[None, :] + n * np.arange(num_items)[:, None]).reshape(-1)
         count = np.tile(np.bincount(cell, minlength=n).astype("float32"), num_items)[:, None]
